@@ -1,0 +1,342 @@
+"""The one typed config of fastmam.
+
+A run is described by one ``Config`` (pydantic, unknown keys rejected). It is read from a
+YAML preset (``configs/<name>.yaml`` or any path), then ``key.sub=value`` overrides from the
+command line are applied, then the whole is validated, cross-field rules included. The
+DeepSpeed JSON is derived from it by ``deepspeed_config`` and nowhere else.
+
+Defaults are the ViT-B MAM2 recipe at 16x224 (tubelet 2, patch 16, 90% tube masking,
+AdamW 0.9/0.95, base lr 1.5e-4 per 256 clips); presets change only what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: folder of the shipped presets (``--config tiny`` means ``configs/tiny.yaml`` there)
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message says which and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Encoder-regressor-decoder video ViT. ``regressor_depth: 0`` is VideoMAE's layout:
+    the decoder sees visible latents and mask tokens together; ``> 0`` is MAM2's: a CAE-style
+    cross-attention regressor predicts masked latents and the decoders see only those."""
+
+    tubelet: int = Field(2, ge=1, description="frames per token (t)")
+    patch: int = Field(16, ge=1, description="patch side in pixels (p)")
+    embed_dim: int = Field(768, ge=1)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    qkv_bias: bool = True
+    regressor_depth: int = Field(2, ge=0, description="cross-attention regressor layers; 0 = VideoMAE (none)")
+    decoder_dim: int = Field(384, ge=1)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(6, ge=1)
+    activation_checkpointing: bool = False
+    attention: Literal["sdpa"] = "sdpa"
+
+
+class MaskingConfig(_Section):
+    kind: Literal["tube", "random"] = "tube"
+    ratio: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens hidden")
+
+
+class TargetsConfig(_Section):
+    """What the two decoders reconstruct.
+
+    appearance: ``pixel`` (VideoMAE's normalized pixels, MSE) or ``random_codes`` (codes from a
+    fixed random tokenizer, cross-entropy; exercises the code path until the VQGAN tokenizer lands).
+    motion: ``rgb_diff`` (differences of consecutive frames inside each tubelet, MSE) or ``none``.
+    """
+
+    appearance: Literal["pixel", "random_codes"] = "pixel"
+    normalize_pixels: bool = True
+    codebook_size: int = Field(8192, ge=2)
+    code_frame: Literal["first", "middle"] = "first"
+    motion: Literal["rgb_diff", "none"] = "rgb_diff"
+    normalize_motion: bool = False
+
+
+class LossConfig(_Section):
+    appearance_weight: float = Field(1.0, ge=0.0)
+    motion_weight: float = Field(1.0, ge=0.0)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic"] = "synthetic"
+    num_frames: int = Field(16, ge=1)
+    img_size: int = Field(224, ge=1)
+    batch_size: int = Field(32, ge=1, description="clips per rank per micro-step")
+    num_samples: int = Field(100_000, ge=1, description="synthetic: clips per epoch")
+    num_workers: int = Field(2, ge=0)
+    pin_memory: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class OptimConfig(_Section):
+    base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 clips of global batch")
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self):
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+        return self
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(100_000, ge=1, description="optimizer steps in the run")
+    warmup_steps: int = Field(5_000, ge=0)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(1000, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(10, ge=1, description="host sync, metrics line and progress update interval")
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class Config(_Section):
+    name: str = "mam2_vit_b"
+    seed: int = 0
+    output_dir: str = "runs/{name}"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "reference", "triton", "cuda"] = Field(
+        "auto", description="fastmam.ops backend; FASTMAM_BACKEND overrides 'auto'"
+    )
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    targets: TargetsConfig = TargetsConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _geometry(self):
+        m, d = self.model, self.data
+        if d.num_frames % m.tubelet:
+            raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of model.tubelet={m.tubelet}")
+        if d.img_size % m.patch:
+            raise ValueError(f"data.img_size={d.img_size} must be a multiple of model.patch={m.patch}")
+        if m.embed_dim % m.num_heads:
+            raise ValueError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+        if m.decoder_dim % m.decoder_heads:
+            raise ValueError(
+                f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}"
+            )
+        if self.targets.motion == "rgb_diff" and m.tubelet < 2:
+            raise ValueError("targets.motion='rgb_diff' needs model.tubelet >= 2 (differences inside a tubelet)")
+        if self.loss.appearance_weight == 0 and (self.targets.motion == "none" or self.loss.motion_weight == 0):
+            raise ValueError("nothing to learn: loss.appearance_weight is 0 and there is no motion term")
+        s = (d.img_size // m.patch) ** 2
+        n = s * (d.num_frames // m.tubelet)
+        per = s if self.masking.kind == "tube" else n
+        hidden = int(self.masking.ratio * per)
+        if not 0 < hidden < per:
+            raise ValueError(
+                f"masking.ratio={self.masking.ratio} hides {hidden} of {per} positions; "
+                "choose a ratio that hides at least one and keeps at least one"
+            )
+        if self.schedule.warmup_steps > self.schedule.steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds schedule.steps={self.schedule.steps}"
+            )
+        if self.optim.min_lr > self.optim.base_lr:
+            raise ValueError(f"optim.min_lr={self.optim.min_lr} exceeds optim.base_lr={self.optim.base_lr}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+    @property
+    def num_tokens(self) -> int:
+        m, d = self.model, self.data
+        return (d.num_frames // m.tubelet) * (d.img_size // m.patch) ** 2
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """``tiny`` -> ``configs/tiny.yaml``; an existing path is returned as is."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(known) or 'none'}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. optim.base_lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key part; expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def _check_path(parts: list[str]) -> type | None:
+    """Reject unknown keys (from the top level down) naming the allowed ones at that level.
+
+    Returns the section class the path names, or None when it names a value."""
+    cls: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        fields = cls.model_fields
+        if part not in fields:
+            where = "'" + ".".join(parts[:i]) + "'" if i else "the top level"
+            raise ConfigError(
+                f"unknown config key '{'.'.join(parts)}': '{part}' is not a key of {where}; "
+                f"allowed: {', '.join(fields)}"
+            )
+        ann = fields[part].annotation
+        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i < len(parts) - 1 and not is_section:
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        cls = ann if is_section else None
+    return cls
+
+
+def _check_tree(tree: dict, parts: list[str]) -> None:
+    for key, value in tree.items():
+        path = [*parts, str(key)]
+        if _check_path(path) is not None and isinstance(value, dict):
+            _check_tree(value, path)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across several keys: the message names them
+            lines.append(msg)
+            continue
+        loc = ".".join(str(p) for p in err["loc"])
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"config key '{loc}': {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a nested dict plus ``key=value`` overrides into a ``Config``."""
+    tree = copy.deepcopy(tree or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(tree).__name__}")
+    _check_tree(tree, [])
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _check_path(parts)
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path (None: the defaults), apply overrides, validate."""
+    tree: dict = {}
+    if name_or_path is not None:
+        path = resolve_preset(name_or_path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return build_config(tree, overrides)
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def resolve_precision(cfg: Config, device_type: str) -> str:
+    """'fp32' or 'bf16' for this device. bf16 needs a GPU; CPU training runs fp32."""
+    if cfg.deepspeed.precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if cfg.deepspeed.precision == "bf16" and device_type != "cuda":
+        raise ConfigError("deepspeed.precision='bf16' needs a CUDA device; use 'auto' or 'fp32' on CPU")
+    return cfg.deepspeed.precision
+
+
+def global_batch_size(cfg: Config, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * world_size
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """The linear scaling rule: lr = base_lr * global_batch / 256."""
+    return cfg.optim.base_lr * global_batch_size(cfg, world_size) / 256
+
+
+def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
+    """The DeepSpeed JSON, derived from ``cfg`` only (the optimizer and schedule are ours)."""
+    precision = resolve_precision(cfg, device_type)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        # gather the full weights into the checkpoint so an exported encoder needs no ZeRO tools
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": global_batch_size(cfg, world_size),
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        # our AdamW is a torch optimizer; ZeRO wraps it like its own
+        "zero_allow_untested_optimizer": True,
+        # our own logging prints at log intervals; DeepSpeed's per-step prints are off
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,20 @@
+"""Models: the MAM2 / VideoMAE video ViT (``MaskedVideoModel``), its objective (``Pretrainer``) and tokenizers."""
+
+from .layers import Attention, Block, CrossAttention, CrossBlock, sinusoid_table
+from .mam import MaskedVideoModel, ModelOutput, Pretrainer, build_tokenizer
+from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
+
+__all__ = [
+    "AppearanceTokenizer",
+    "Attention",
+    "Block",
+    "CrossAttention",
+    "CrossBlock",
+    "MaskedVideoModel",
+    "ModelOutput",
+    "Pretrainer",
+    "RandomTokenizer",
+    "build_tokenizer",
+    "clip_codes",
+    "sinusoid_table",
+]

@@ -1,0 +1,78 @@
+"""Appearance tokenizers: frames -> code indices aligned with the model's tokens.
+
+The interface the VQGAN tokenizer implements. ``RandomTokenizer`` is a fixed random one whose
+codes depend on content (nearest random codeword of a random patch projection): it exercises
+the cross-entropy path with no checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FRAME_CHOICES = ("first", "middle")
+
+
+class AppearanceTokenizer(nn.Module):
+    """frames (N, H, W, C) uint8 -> codes (N, H/downsample, W/downsample) int64 in [0, codebook_size).
+
+    Subclasses set ``codebook_size`` and ``downsample`` (the patch side the codes align with) and
+    implement ``encode``. Tokenizers are frozen: they run without grad and hold no trained state
+    that the pretraining optimizer touches.
+    """
+
+    codebook_size: int
+    downsample: int
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def tubelet_frame_index(tubelet: int, frame: str) -> int:
+    """Which frame of each tubelet gets a code: 'first' -> 0, 'middle' -> tubelet // 2."""
+    if frame not in FRAME_CHOICES:
+        raise ValueError(f"code frame '{frame}' is not supported; expected one of {FRAME_CHOICES}")
+    return 0 if frame == "first" else tubelet // 2
+
+
+@torch.no_grad()
+def clip_codes(tokenizer: AppearanceTokenizer, clip: torch.Tensor, tubelet: int, frame: str = "first") -> torch.Tensor:
+    """Codes aligned with tokens: clip (B, T, H, W, C) uint8 -> (B, N) int64, token order (time, row, col).
+
+    Token (i, r, c) gets the code of spatial cell (r, c) of frame ``i * tubelet + offset`` where the
+    offset is given by ``frame``.
+    """
+    b, t, h, w, c = clip.shape
+    if h % tokenizer.downsample or w % tokenizer.downsample:
+        raise ValueError(f"frames of {h}x{w} do not tile into the tokenizer's {tokenizer.downsample}-pixel cells")
+    frames = clip[:, tubelet_frame_index(tubelet, frame) :: tubelet]  # (B, T/t, H, W, C)
+    codes = tokenizer.encode(frames.reshape(-1, h, w, c))  # (B*T/t, H/f, W/f)
+    return codes.reshape(b, -1)
+
+
+class RandomTokenizer(AppearanceTokenizer):
+    """A fixed random tokenizer for tests and smoke runs, deterministic by seed.
+
+    Each f x f patch (in [-0.5, 0.5] units) is projected to ``embed_dim`` and assigned the code of
+    the most similar of ``codebook_size`` random unit codewords. Weights are non-persistent
+    buffers: rebuilt from the seed, never saved in checkpoints.
+    """
+
+    def __init__(self, codebook_size: int, downsample: int, channels: int = 3, embed_dim: int = 32, seed: int = 0):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.downsample = downsample
+        g = torch.Generator().manual_seed(seed)
+        proj = torch.randn(downsample * downsample * channels, embed_dim, generator=g, device="cpu")
+        codebook = torch.randn(codebook_size, embed_dim, generator=g, device="cpu")
+        codebook = torch.nn.functional.normalize(codebook, dim=-1)
+        self.register_buffer("proj", proj / proj.shape[0] ** 0.5, persistent=False)
+        self.register_buffer("codebook", codebook, persistent=False)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = frames.shape
+        f = self.downsample
+        x = frames.reshape(n, h // f, f, w // f, f, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h // f, w // f, -1)
+        z = (x.to(torch.float32) / 255.0 - 0.5) @ self.proj.float()
+        return (z @ self.codebook.float().t()).argmax(dim=-1)

@@ -1,0 +1,49 @@
+"""Public ops of fastmam, drop-in for VideoMAE-style code.
+
+Every op has a pure-PyTorch ``*_reference`` (the specification and the CPU path) and dispatches
+by ``backend=`` / ``FASTMAM_BACKEND`` (``auto``, ``reference``, ``triton``, ``cuda``) to the
+fastest implementation available for the input's device. Shapes and dtypes are in each docstring.
+"""
+
+from ._backend import BACKENDS, BackendUnavailableError, available
+from .gather import (
+    MaskedPatches,
+    gather_tokens,
+    gather_tokens_reference,
+    normalize_patches,
+    patchify_reference,
+    scatter_tokens,
+    scatter_tokens_reference,
+    tube_mask_gather,
+    tube_mask_gather_reference,
+)
+from .loss import LossOutput, dual_decoder_loss, dual_decoder_loss_reference
+from .masking import Masking, random_masking, random_masking_reference, tube_masking, tube_masking_reference
+from .targets import pixel_target, pixel_target_reference, rgb_diff_target, rgb_diff_target_reference
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "LossOutput",
+    "MaskedPatches",
+    "Masking",
+    "available",
+    "dual_decoder_loss",
+    "dual_decoder_loss_reference",
+    "gather_tokens",
+    "gather_tokens_reference",
+    "normalize_patches",
+    "patchify_reference",
+    "pixel_target",
+    "pixel_target_reference",
+    "random_masking",
+    "random_masking_reference",
+    "rgb_diff_target",
+    "rgb_diff_target_reference",
+    "scatter_tokens",
+    "scatter_tokens_reference",
+    "tube_mask_gather",
+    "tube_mask_gather_reference",
+    "tube_masking",
+    "tube_masking_reference",
+]

@@ -1,0 +1,65 @@
+"""Backend registry and selection for ``fastmam.ops``.
+
+Each public op has implementations keyed by backend: ``reference`` (pure PyTorch, always
+present; the specification and the CPU path), ``triton`` and ``cuda`` (fused kernels, when
+built). One switch picks: the ``backend=`` argument, else the ``FASTMAM_BACKEND`` environment
+variable, else ``auto`` — the fastest implementation available for the input's device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+#: 'auto' on a CUDA device takes the first of these that the op has
+GPU_PREFERENCE = ("cuda", "triton", "reference")
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend has no implementation of this op in this build or on this device."""
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'; expected one of {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def available(op: str) -> tuple[str, ...]:
+    """Backends that implement ``op`` in this build."""
+    return tuple(b for b in BACKENDS if b in _IMPLS.get(op, {}))
+
+
+def requested_backend(backend: str | None = None) -> str:
+    choice = backend or os.environ.get("FASTMAM_BACKEND") or "auto"
+    if choice not in ("auto", *BACKENDS):
+        source = "backend argument" if backend else "FASTMAM_BACKEND"
+        raise ValueError(f"{source}='{choice}' is not a backend; expected one of auto, {', '.join(BACKENDS)}")
+    return choice
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
+    """Return (backend name, implementation) of ``op`` for a tensor on ``device``."""
+    impls = _IMPLS[op]
+    choice = requested_backend(backend)
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = next(b for b in GPU_PREFERENCE if b in impls)
+        else:
+            choice = "reference"
+    if choice not in impls:
+        raise BackendUnavailableError(
+            f"fastmam.ops.{op} has no '{choice}' implementation in this build "
+            f"(available: {', '.join(available(op))}); pass backend='reference' or unset FASTMAM_BACKEND"
+        )
+    if choice == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(
+            f"fastmam.ops.{op}: backend 'cuda' needs CUDA tensors, got a tensor on {device}; "
+            "move the inputs to the GPU or use backend='reference'"
+        )
+    return choice, impls[choice]

@@ -1,0 +1,85 @@
+"""Input checks shared by the ops: each error names the argument, what it got and what it expects."""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("BTHWC", "BCTHW")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout='{layout}' is not supported; expected 'BTHWC' (uint8 loaders) or 'BCTHW' (VideoMAE)")
+
+
+def clip_geometry(clip: torch.Tensor, layout: str, tubelet: int, patch: int) -> tuple[int, int, int, int, int]:
+    """Validate a clip and return (B, T, H, W, C) whatever its layout."""
+    check_layout(layout)
+    if not isinstance(clip, torch.Tensor):
+        raise TypeError(f"clip must be a torch.Tensor, got {type(clip).__name__}")
+    if clip.dim() != 5:
+        raise ValueError(f"clip must be 5-D ({layout}), got shape {tuple(clip.shape)}")
+    if layout == "BTHWC":
+        if clip.dtype != torch.uint8:
+            raise TypeError(
+                f"a BTHWC clip must be uint8 (raw frames from a loader), got {clip.dtype}; "
+                "pass float clips already normalized in VideoMAE's layout with layout='BCTHW'"
+            )
+        b, t, h, w, c = clip.shape
+    else:
+        if not clip.is_floating_point():
+            raise TypeError(
+                f"a BCTHW clip must be floating point (normalized, VideoMAE's layout), got {clip.dtype}; "
+                "pass uint8 frames as (B, T, H, W, C) with layout='BTHWC'"
+            )
+        b, c, t, h, w = clip.shape
+    if tubelet < 1 or patch < 1:
+        raise ValueError(f"tubelet and patch must be >= 1, got tubelet={tubelet}, patch={patch}")
+    if t % tubelet or h % patch or w % patch:
+        raise ValueError(
+            f"clip of T={t}, H={h}, W={w} does not tile into tubelets of {tubelet} frames and {patch}x{patch} "
+            "patches; crop or resize so that T % tubelet == H % patch == W % patch == 0"
+        )
+    return b, t, h, w, c
+
+
+def num_hidden(ratio: float, positions: int) -> int:
+    """VideoMAE's rule: ``int(ratio * positions)`` positions are hidden; at least one hidden and one kept."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}")
+    hidden = int(ratio * positions)
+    if not 0 < hidden < positions:
+        raise ValueError(
+            f"mask ratio {ratio} hides {hidden} of {positions} positions; "
+            "it must hide at least one and keep at least one"
+        )
+    return hidden
+
+
+def check_noise(noise: torch.Tensor, batch: int | None, positions: int | None, name: str = "noise") -> None:
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        got = noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise TypeError(f"{name} must be a floating-point tensor (e.g. torch.rand), got {got}")
+    if noise.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (B, positions), got shape {tuple(noise.shape)}")
+    if batch is not None and noise.shape[0] != batch:
+        raise ValueError(f"{name} has batch {noise.shape[0]} but the clip has batch {batch}")
+    if positions is not None and noise.shape[1] != positions:
+        raise ValueError(f"{name} has {noise.shape[1]} positions per sample, expected {positions}")
+
+
+def check_ids(ids: torch.Tensor, batch: int, num_tokens: int, name: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token indices, got {got}")
+    if ids.dim() != 2 or ids.shape[0] != batch:
+        raise ValueError(f"{name} must have shape (B={batch}, K), got {tuple(ids.shape)}")
+    if ids.shape[1] > num_tokens:
+        raise ValueError(f"{name} selects {ids.shape[1]} tokens but there are only {num_tokens}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"inputs must be on one device, got {listing}")

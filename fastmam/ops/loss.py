@@ -1,0 +1,124 @@
+"""The dual-decoder loss of MAM2: appearance (codes CE, or pixel MSE) plus motion (RGB-difference MSE).
+
+``total = appearance_weight * appearance + motion_weight * motion``, each term a mean over masked
+tokens (weighted by ``token_weight`` when given). The appearance head is applied inside the loss
+(``h @ W.T + b``) so that fused backends can avoid materializing the (M x K) logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from ._checks import check_same_device
+
+
+class LossOutput(NamedTuple):
+    """total, appearance, motion: fp32 scalars (motion is 0 when there is no motion term)."""
+
+    total: torch.Tensor
+    appearance: torch.Tensor
+    motion: torch.Tensor
+
+
+def _weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
+    if token_weight is None:
+        return per_token.mean()
+    w = token_weight.reshape(-1).to(torch.float32)
+    return (per_token * w).sum() / w.sum()
+
+
+def dual_decoder_loss_reference(
+    appearance_hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    appearance_target: torch.Tensor,
+    motion_pred: torch.Tensor | None = None,
+    motion_target: torch.Tensor | None = None,
+    appearance_weight: float = 1.0,
+    motion_weight: float = 1.0,
+    token_weight: torch.Tensor | None = None,
+) -> LossOutput:
+    """The specification; logits and squared errors in fp32 whatever the input dtype."""
+    h = appearance_hidden.reshape(-1, appearance_hidden.shape[-1]).to(torch.float32)
+    pred = h @ head_weight.to(torch.float32).t()
+    if head_bias is not None:
+        pred = pred + head_bias.to(torch.float32)
+    if appearance_target.is_floating_point():
+        per_token = (pred - appearance_target.reshape(pred.shape).to(torch.float32)).square().mean(dim=-1)
+    else:
+        per_token = F.cross_entropy(pred, appearance_target.reshape(-1).long(), reduction="none")
+    appearance = _weighted_mean(per_token, token_weight)
+    if motion_pred is None:
+        motion = appearance.new_zeros(())
+    else:
+        diff = motion_pred.reshape(h.shape[0], -1).to(torch.float32) - motion_target.reshape(h.shape[0], -1).float()
+        motion = _weighted_mean(diff.square().mean(dim=-1), token_weight)
+    return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
+
+
+_backend.register("dual_decoder_loss", "reference", dual_decoder_loss_reference)
+
+
+def _check_loss_inputs(h, w, b, target, motion_pred, motion_target, token_weight) -> None:
+    if h.dim() < 2:
+        raise ValueError(f"appearance_hidden must be (..., Da), got shape {tuple(h.shape)}")
+    m, da = h.numel() // h.shape[-1], h.shape[-1]
+    if w.dim() != 2 or w.shape[1] != da:
+        raise ValueError(f"head_weight must be (K, Da={da}), got {tuple(w.shape)}")
+    k = w.shape[0]
+    if b is not None and tuple(b.shape) != (k,):
+        raise ValueError(f"head_bias must be (K={k},), got {tuple(b.shape)}")
+    if target.is_floating_point():
+        if target.numel() != m * k:
+            raise ValueError(
+                f"a pixel appearance_target must hold M*K = {m}*{k} values, got shape {tuple(target.shape)}"
+            )
+    elif target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if target.numel() != m:
+            raise ValueError(f"appearance_target codes must hold one index per token ({m}), got {tuple(target.shape)}")
+    else:
+        raise TypeError(f"appearance_target must be integer codes or float pixels, got {target.dtype}")
+    if (motion_pred is None) != (motion_target is None):
+        raise ValueError("give both motion_pred and motion_target, or neither")
+    if motion_pred is not None and (motion_pred.numel() != motion_target.numel() or motion_pred.numel() % m):
+        raise ValueError(
+            f"motion_pred {tuple(motion_pred.shape)} and motion_target {tuple(motion_target.shape)} must have "
+            f"the same size, a whole number of values per token (M={m})"
+        )
+    if token_weight is not None and token_weight.numel() != m:
+        raise ValueError(f"token_weight must hold one weight per token ({m}), got {tuple(token_weight.shape)}")
+    check_same_device(appearance_hidden=h, head_weight=w, head_bias=b, appearance_target=target,
+                      motion_pred=motion_pred, motion_target=motion_target, token_weight=token_weight)
+
+
+def dual_decoder_loss(
+    appearance_hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    appearance_target: torch.Tensor,
+    motion_pred: torch.Tensor | None = None,
+    motion_target: torch.Tensor | None = None,
+    appearance_weight: float = 1.0,
+    motion_weight: float = 1.0,
+    token_weight: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> LossOutput:
+    """MAM2's dual-decoder loss over M masked tokens.
+
+    appearance_hidden: (..., Da) decoder output (M tokens in all); head_weight: (K, Da);
+    head_bias: (K,) or None. appearance_target: (...,) integer codes in [0, K) -> cross-entropy
+    of ``h @ W.T + b``; or float (..., K) pixels -> MSE of ``h @ W.T + b``.
+    motion_pred, motion_target: (..., Dm) float or both None. token_weight: (...,) or None.
+    Returns ``LossOutput(total, appearance, motion)``, fp32 scalars; gradients flow to
+    appearance_hidden, head_weight, head_bias and motion_pred.
+    """
+    _check_loss_inputs(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred, motion_target,
+                       token_weight)
+    _, impl = _backend.resolve("dual_decoder_loss", backend, appearance_hidden.device)
+    return impl(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred, motion_target,
+                appearance_weight, motion_weight, token_weight)

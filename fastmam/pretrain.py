@@ -1,0 +1,191 @@
+"""Pretraining entry point.
+
+    deepspeed fastmam/pretrain.py --config configs/vit_b.yaml [key=value ...]
+    python fastmam/pretrain.py --config tiny [--resume] [key=value ...]
+
+One DeepSpeed engine always (also for one process). Each optimizer step reads
+``gradient_accumulation_steps`` micro-batches; all randomness of a step (masking noise) is drawn
+from a generator seeded by (seed, step, micro-step, rank), and data order is a function of
+(seed, micro-step), so a resumed run repeats exactly what an uninterrupted one does. The host
+waits for the device only at log intervals (loss values) and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `deepspeed fastmam/pretrain.py` / `python fastmam/pretrain.py` put this folder first on sys.path;
+# drop it so that our module names never shadow top-level packages, and make the repository
+# importable when fastmam is not installed.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+if os.path.dirname(_here) not in sys.path:
+    sys.path.append(os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fastmam import checkpointing, distributed  # noqa: E402
+from fastmam.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    deepspeed_config,
+    dump_config,
+    global_batch_size,
+    load_config,
+    peak_lr,
+)
+from fastmam.data import build_dataset, build_loader  # noqa: E402
+from fastmam.metrics import MetricsLogger  # noqa: E402
+from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.optim import build_optimizer  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="fastmam pretraining (MAM2 / VideoMAE). Overrides: key.sub=value, e.g. optim.base_lr=3e-4",
+    )
+    p.add_argument("--config", default="tiny", help="preset name (configs/<name>.yaml) or YAML path [tiny]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest complete checkpoint (start fresh if it has none)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return p.parse_args(argv)
+
+
+def step_noise(shape, seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Tensor:
+    """Masking noise of one micro-step, a pure function of (seed, step, micro, rank)."""
+    key = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    g = torch.Generator(device=device).manual_seed(key)
+    return torch.rand(shape, generator=g, device=device)
+
+
+def log0(dist: distributed.DistInfo, *msg) -> None:
+    if dist.is_main:
+        print("fastmam:", *msg, flush=True)
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run (or continue) pretraining; returns a summary. ``stop_after`` ends the run early at that
+    step, as an interruption would (tests use it); the schedule still spans ``schedule.steps``."""
+    import deepspeed
+
+    dist = distributed.setup(cfg.device)
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    start_tag = checkpointing.latest_tag(ckpt_dir)
+    if start_tag is not None and not resume:
+        raise RuntimeError(
+            f"{run_dir} already holds checkpoints (latest {start_tag}); pass --resume to continue that run, "
+            "or choose another output_dir / name"
+        )
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
+    model = Pretrainer(cfg)
+    optimizer, scheduler = build_optimizer(model.model, cfg, dist.world_size, dist.device.type)
+    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    log0(dist, f"deepspeed config: {json.dumps(ds_config)}")
+    n_params = sum(p.numel() for p in model.model.parameters())
+    log0(dist, f"{cfg.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s) on {dist.device.type}, "
+               f"global batch {global_batch_size(cfg, dist.world_size)}, peak lr {peak_lr(cfg, dist.world_size):.3g}")
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+
+    step = 0
+    if resume and start_tag is not None:
+        client = checkpointing.load(engine, ckpt_dir, start_tag)
+        step = int(client["step"])
+        if client.get("global_batch") != global_batch_size(cfg, dist.world_size):
+            log0(dist, f"warning: checkpoint was written with global batch {client.get('global_batch')}; "
+                       "data order after resume differs from an uninterrupted run")
+        log0(dist, f"resumed from {ckpt_dir / start_tag} at step {step}")
+    elif resume:
+        log0(dist, f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+
+    total = cfg.schedule.steps if stop_after is None else min(cfg.schedule.steps, stop_after)
+    accum = cfg.deepspeed.gradient_accumulation_steps
+    dataset = build_dataset(cfg)
+    loader = build_loader(cfg, dataset, dist.rank, dist.world_size, step * accum, total * accum,
+                          pin_memory=cfg.data.pin_memory and dist.device.type == "cuda")
+    batches = iter(loader)
+    metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard)
+    progress = None
+    if dist.is_main and cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.schedule.steps, initial=step, desc=cfg.name, dynamic_ncols=True)
+
+    # running sums stay on the device; read (a host sync) only at log intervals
+    sums = torch.zeros(3, device=dist.device)
+    count = 0
+    last = {}
+    t_log = time.perf_counter()
+    clips_since_log = 0
+    while step < total:
+        for micro in range(accum):
+            batch = next(batches)
+            clip = batch["video"].to(dist.device, non_blocking=True)
+            noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
+            out = engine(clip, noise)
+            engine.backward(out.total)
+            engine.step()  # DeepSpeed applies the optimizer and lr schedule at the accumulation boundary
+            sums += torch.stack([t.detach().float() for t in out])
+            count += 1
+            clips_since_log += clip.shape[0]
+        step += 1
+
+        if step % cfg.logging.every_steps == 0 or step == total:
+            values = (sums / count).tolist()  # host sync
+            if not all(math.isfinite(v) for v in values):
+                raise FloatingPointError(
+                    f"loss is not finite at step {step} (total, appearance, motion = {values}); "
+                    "lower optim.base_lr or check the data; the last checkpoint is in " + str(ckpt_dir)
+                )
+            elapsed = time.perf_counter() - t_log
+            last = {
+                "loss": values[0], "loss_appearance": values[1], "loss_motion": values[2],
+                "lr": engine.get_lr()[0], "clips_per_s": clips_since_log * dist.world_size / max(elapsed, 1e-9),
+            }
+            metrics.log(step, last)
+            if progress is not None:
+                progress.update(step - progress.n)
+                progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{last['lr']:.2e}")
+            sums.zero_()
+            count, clips_since_log, t_log = 0, 0, time.perf_counter()
+
+        if step % cfg.checkpoint.every_steps == 0 or step == total:
+            client = {"step": step, "global_batch": global_batch_size(cfg, dist.world_size),
+                      "config": cfg.model_dump(mode="json")}
+            checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last, dist.is_main)
+
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    log0(dist, f"stopped at step {step}; checkpoints in {ckpt_dir}, metrics in {metrics.path}")
+    return {"step": step, "run_dir": str(run_dir), "last": last}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 2
+    train(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastmam.config import PRESET_DIR, build_config, load_config
+from fastmam.models import Pretrainer, RandomTokenizer, clip_codes, sinusoid_table
+from tests.conftest import random_clip
+
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+SMALL = ["data.num_frames=4", "data.img_size=32", "model.patch=8", "model.embed_dim=32", "model.num_heads=4",
+         "model.depth=2", "model.decoder_dim=16", "model.decoder_heads=2", "masking.ratio=0.75"]
+
+
+def videomae_sinusoid_table(n_position, d_hid):
+    """VideoMAE's get_sinusoid_encoding_table, verbatim."""
+    def get_position_angle_vec(position):
+        return [position / np.power(10000, 2 * (hid_j // 2) / d_hid) for hid_j in range(d_hid)]
+
+    table = np.array([get_position_angle_vec(pos_i) for pos_i in range(n_position)])
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.FloatTensor(table)
+
+
+@pytest.mark.parametrize("n,d", [(1568, 768), (7, 10), (64, 384)])
+def test_sinusoid_table_equals_videomae(n, d):
+    assert torch.equal(sinusoid_table(n, d), videomae_sinusoid_table(n, d))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_output_shapes_on_meta(name):
+    """Every preset builds (on the meta device: no memory) and produces the documented shapes."""
+    cfg = load_config(name)
+    m, d = cfg.model, cfg.data
+    s = (d.img_size // m.patch) ** 2
+    slices = d.num_frames // m.tubelet
+    nm = int(cfg.masking.ratio * s) * slices
+    nv = cfg.num_tokens - nm
+    b = 2
+    with torch.device("meta"):
+        model = Pretrainer(cfg).model
+        patches = torch.empty(b, nv, m.tubelet * m.patch * m.patch * 3)
+        out = model(patches, torch.zeros(b, nv, dtype=torch.long), torch.zeros(b, nm, dtype=torch.long))
+    assert out.appearance_hidden.shape == (b, nm, m.decoder_dim)
+    if cfg.targets.motion == "rgb_diff":
+        assert out.motion_pred.shape == (b, nm, (m.tubelet - 1) * m.patch * m.patch * 3)
+    else:
+        assert out.motion_pred is None and model.motion_decoder is None
+    assert model.has_regressor == (m.regressor_depth > 0)
+    # encoder width and depth as named: ViT blocks hold ~12 * D^2 * depth parameters (+ mlp_ratio changes)
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    expected = (4 + 2 * m.mlp_ratio) * m.embed_dim**2
+    assert abs(per_block - expected) / expected < 0.01
+    assert len(model.blocks) == m.depth
+
+
+def test_vit_b_parameter_count():
+    with torch.device("meta"):
+        model = Pretrainer(load_config("vit_b")).model
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("blocks", "patch_embed", "norm.")))
+    # VideoMAE's ViT-B/16 encoder (tubelet 2): 86.2 M parameters
+    assert 86.0e6 < encoder < 86.5e6
+
+
+def test_encoder_sees_only_visible_tokens(rng):
+    cfg = build_config({}, SMALL)
+    p = Pretrainer(cfg)
+    seen = []
+    p.model.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    clip = random_clip((2, 4, 32, 32, 3), rng)
+    p(clip, torch.rand(p.noise_shape(2), generator=rng))
+    # 16 spatial positions, 12 hidden per slice, 2 slices -> 8 visible tokens
+    assert seen == [8]
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                                             # MAM2: regressor + two decoders
+    ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0"],  # VideoMAE baseline
+    ["targets.appearance=random_codes", "targets.codebook_size=64"],  # code targets, CE
+    ["masking.kind=random", "model.activation_checkpointing=true"],
+])
+def test_forward_backward_all_parameters_get_gradients(extra, rng):
+    cfg = build_config({}, SMALL + extra)
+    torch.manual_seed(0)
+    p = Pretrainer(cfg)
+    clip = random_clip((2, 4, 32, 32, 3), rng)
+    out = p(clip, torch.rand(p.noise_shape(2), generator=rng))
+    assert all(t.shape == () and t.dtype == torch.float32 and math.isfinite(t.item()) for t in out)
+    out.total.backward()
+    missing = [n for n, q in p.named_parameters() if q.requires_grad and (q.grad is None or q.grad.abs().sum() == 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+    if "targets.appearance=random_codes" in extra:
+        # chance-level cross-entropy at init: about log(64)
+        assert abs(out.appearance.item() - math.log(64)) < 1.5
+
+
+def test_activation_checkpointing_gives_same_gradients(rng):
+    clip = random_clip((2, 4, 32, 32, 3), rng)
+    noise = torch.rand(2, 16, generator=rng)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        p = Pretrainer(build_config({}, SMALL + [f"model.activation_checkpointing={ckpt}"]))
+        p(clip, noise).total.backward()
+        grads.append(torch.cat([q.grad.flatten() for q in p.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_random_tokenizer_codes_align_with_tokens(rng):
+    tok = RandomTokenizer(codebook_size=50, downsample=8, seed=3)
+    clip = random_clip((2, 4, 16, 24, 3), rng)
+    codes = clip_codes(tok, clip, tubelet=2, frame="first")
+    assert codes.shape == (2, 2 * 2 * 3) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < 50
+    # token (slice i, row r, col c) carries the code of frame 2i's cell (r, c)
+    frame2 = tok.encode(clip[:, 2])  # (B, 2, 3)
+    assert torch.equal(codes.view(2, 2, 2, 3)[:, 1], frame2)
+    middle = clip_codes(tok, clip, tubelet=2, frame="middle")
+    assert torch.equal(middle.view(2, 2, 2, 3)[:, 0], tok.encode(clip[:, 1]))
+    # deterministic by seed, and content-dependent
+    assert torch.equal(codes, clip_codes(RandomTokenizer(50, 8, seed=3), clip, 2))
+    assert not torch.equal(codes, clip_codes(tok, 255 - clip, 2))
+
+
+def test_pretrainer_rejects_clip_that_does_not_match_config(rng):
+    p = Pretrainer(build_config({}, SMALL))
+    with pytest.raises(ValueError, match=r"expected \(B, 4, 32, 32, C\)"):
+        p(random_clip((1, 4, 48, 48, 3), rng), torch.rand(1, 16))
+    with pytest.raises(TypeError, match="must be uint8"):
+        p(random_clip((1, 4, 32, 32, 3), rng, torch.float32), torch.rand(1, 16))

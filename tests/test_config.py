@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from fastmam.config import PRESET_DIR, ConfigError, build_config, deepspeed_config, load_config, peak_lr
+from fastmam.pretrain import main
+
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert {"tiny", "vit_s", "vit_b", "vit_l", "vit_h", "vit_g", "videomae_vit_b"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.num_tokens > 0
+    if name != "tiny":
+        # the VideoMAE / MAM2 recipe: 16x224, tubelet 2, patch 16, 90% tube masking, AdamW 0.9/0.95, 1.5e-4 / 256
+        assert (cfg.data.num_frames, cfg.data.img_size, cfg.model.tubelet, cfg.model.patch) == (16, 224, 2, 16)
+        assert (cfg.masking.kind, cfg.masking.ratio) == ("tube", 0.9)
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.base_lr == 1.5e-4 and cfg.optim.weight_decay == 0.05
+
+
+def test_load_by_path_and_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nmodel:\n  depth: 3\n")
+    cfg = load_config(str(path), ["model.depth=5", "optim.betas=[0.8, 0.9]", "targets.motion=none", "name=x"])
+    assert cfg.model.depth == 5 and cfg.optim.betas == (0.8, 0.9) and cfg.targets.motion == "none"
+    assert cfg.name == "x" and str(cfg.run_dir) == "runs/x"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.dpth=3"], r"unknown config key 'model.dpth'.*allowed: tubelet, patch"),
+    (["modle.depth=3"], r"'modle' is not a key of the top level"),
+    (["model.depth.x=1"], r"'model.depth' is a value, not a section"),
+    (["optim.base_lr=-1"], r"'optim.base_lr': Input should be greater than 0 \(got -1\)"),
+    (["masking.kind=cube"], r"'masking.kind': Input should be 'tube' or 'random'"),
+    (["masking.ratio=1.0"], r"'masking.ratio': Input should be less than 1"),
+    (["masking.ratio=0.001"], r"hides 0 of 196 positions"),
+    (["data.img_size=100"], r"data.img_size=100 must be a multiple of model.patch=16"),
+    (["data.num_frames=15"], r"multiple of model.tubelet"),
+    (["model.tubelet=1", "data.num_frames=16"], r"rgb_diff' needs model.tubelet >= 2"),
+    (["schedule.warmup_steps=10", "schedule.steps=5"], r"warmup_steps=10 exceeds"),
+    (["model.depth"], r"must look like key.sub=value"),
+    (["deepspeed.zero_stage=4"], r"less than or equal to 3"),
+])
+def test_bad_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, overrides)
+
+
+def test_bad_yaml_and_unknown_preset(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  decoder:\n    depth: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.decoder'"):
+        load_config(str(nested))
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        load_config("no_such_preset")
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["--config", "tiny", "optim.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.lr'" in err and "base_lr" in err
+
+
+def test_deepspeed_json_is_derived():
+    cfg = build_config({}, ["data.batch_size=8", "deepspeed.gradient_accumulation_steps=4", "deepspeed.zero_stage=3",
+                            "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, world_size=2, device_type="cuda")
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert deepspeed_config(cfg, 2, "cpu")["bf16"] == {"enabled": False}
+    json.dumps(ds)  # serializable as the JSON DeepSpeed reads
+    assert peak_lr(cfg, 2) == pytest.approx(1.5e-4 * 64 / 256)
+    with pytest.raises(ConfigError, match="bf16' needs a CUDA device"):
+        deepspeed_config(build_config({}, ["deepspeed.precision=bf16"]), 1, "cpu")
