@@ -9,14 +9,23 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    """``start_step``: the step a run starts or resumes from. Rows logged after it by an earlier
+    attempt (between its last checkpoint and a crash) are dropped, so the file holds each step once."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")  # appended: a resumed run continues the same file
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self.file = open(self.path, "a")  # a resumed run continues the same file
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -24,7 +33,8 @@ class MetricsLogger:
                 print("fastmam: tensorboard is not installed; metrics go to metrics.jsonl only "
                       "(pip install tensorboard to get curves)")
             else:
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # purge_step drops events an interrupted attempt wrote after the resumed step
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

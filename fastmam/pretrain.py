@@ -119,7 +119,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     loader = build_loader(cfg, dataset, dist.rank, dist.world_size, step * accum, total * accum,
                           pin_memory=cfg.data.pin_memory and dist.device.type == "cuda")
     batches = iter(loader)
-    metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard)
+    metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard, start_step=step)
     progress = None
     if dist.is_main and cfg.logging.progress_bar:
         from tqdm import tqdm

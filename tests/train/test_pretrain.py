@@ -134,3 +134,16 @@ def test_lr_schedule_and_param_groups():
     decay, no_decay = param_groups(lin, 0.05)
     assert [p.shape for p in decay["params"]] == [(4, 3)] and len(no_decay["params"]) == 3
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_metrics_of_an_interrupted_attempt_are_not_duplicated(tmp_path):
+    from fastmam.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in (10, 20, 30):  # crashed after logging step 30; last checkpoint at 20
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=20)
+    resumed.log(30, {"loss": 3.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10, 10.0), (20, 20.0), (30, 3.0)]
