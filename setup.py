@@ -56,8 +56,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastmam", "fastmam.ops", "fastmam.models", "fastmam.data", "fastmam.kernels"],
-    package_dir={"fastmam.kernels": "kernels"},
+    packages=["fastmam", "fastmam.ops", "fastmam.models", "fastmam.data", "fastmam.kernels", "fastmam.presets"],
+    # kernels/ and configs/ live at the top of the repository and install inside the package
+    package_dir={"fastmam.kernels": "kernels", "fastmam.presets": "configs"},
+    package_data={"fastmam.presets": ["*.yaml"]},
     install_requires=[
         "torch>=2.5",
         "einops>=0.7",

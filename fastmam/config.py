@@ -18,8 +18,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-#: folder of the shipped presets (``--config tiny`` means ``configs/tiny.yaml`` there)
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _preset_dir() -> Path:
+    """``configs/`` of a source checkout or editable install, else the copy a wheel installs as fastmam/presets."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "configs"
+    return source if (source / "tiny.yaml").is_file() else here / "presets"
+
+
+#: folder of the shipped presets (``--config tiny`` means ``<PRESET_DIR>/tiny.yaml``)
+PRESET_DIR = _preset_dir()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

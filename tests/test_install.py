@@ -39,6 +39,14 @@ def test_wheel_contains_kernels_and_skips_cuda(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
+    assert {"fastmam/presets/tiny.yaml", "fastmam/presets/vit_b.yaml"} <= names
     probe = subprocess.run([sys.executable, "-c", "import fastmam.kernels as k; print(k.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target)})
     assert probe.returncode == 0 and str(target) in probe.stdout, probe.stderr
+    # presets by name from a regular install (no source tree around)
+    site = ":".join(p for p in sys.path if "site-packages" in p)
+    code = "from fastmam.config import load_config, PRESET_DIR; print(PRESET_DIR, load_config('tiny').name)"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                           env={"PYTHONPATH": f"{target}:{site}"})
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == [str(target / "fastmam" / "presets"), "tiny"]
