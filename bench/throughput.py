@@ -31,6 +31,7 @@ from bench.harness import environment, format_table, time_fn  # noqa: E402
 from fastmam import ops  # noqa: E402
 from fastmam.config import load_config  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.ops import _backend  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -118,6 +119,10 @@ def main(argv=None) -> int:
         impls = [("reference", reference)]
         if args.compile:
             impls.append(("compile(reference)", torch.compile(reference)))
+        # fused kernels: timed only on a GPU (the Triton interpreter on CPU measures nothing useful)
+        for backend in ("triton", "cuda"):
+            if device.type == "cuda" and backend in ops.available(name):
+                impls.append((backend, _backend.resolve(name, backend, device)[1]))
         for impl, fn in impls:
             timing = time_fn(lambda fn=fn, call=call: call(fn), device)
             rows.append({"op": name, "impl": impl, "pass": "fwd+bwd" if name == "dual_decoder_loss" else "fwd",

@@ -4,10 +4,12 @@ This folder is mapped into the package by ``setup.py``
 (``package_dir={"fastmam.kernels": "kernels"}``); it is never a top-level ``kernels``
 package, a name that belongs to an existing PyPI project.
 
-The fused kernels (tube-mask + gather, pixel / RGB-difference targets, dual-decoder
-loss) land here; until then every op runs its pure-PyTorch reference from
-``fastmam.ops`` and ``AVAILABLE`` is empty.
+- ``patches``: visible-patch gather + normalize (``tube_mask_gather``), and the masked-token
+  pixel / RGB-difference targets (``pixel_target``, ``rgb_diff_target``).
+
+Kernels are imported on first use by ``fastmam.ops`` (its Triton backend); on CPU tensors they
+run only under ``TRITON_INTERPRET=1`` (tests). The dual-decoder loss still runs its reference.
 """
 
 #: names of the ops that have a Triton kernel in this build
-AVAILABLE: frozenset[str] = frozenset()
+AVAILABLE: frozenset[str] = frozenset({"tube_mask_gather", "pixel_target", "rgb_diff_target"})

@@ -5,6 +5,9 @@ import torch
 
 # DeepSpeed on CPU-only machines (tests never need a GPU)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Triton kernels run on CPU tensors in the interpreter; it must be set before any kernel is defined
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

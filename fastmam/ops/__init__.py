@@ -47,3 +47,5 @@ __all__ = [
     "tube_masking",
     "tube_masking_reference",
 ]
+
+from . import _triton  # noqa: E402,F401  (registers the Triton backend when triton is importable)

@@ -57,6 +57,11 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
             f"fastmam.ops.{op} has no '{choice}' implementation in this build "
             f"(available: {', '.join(available(op))}); pass backend='reference' or unset FASTMAM_BACKEND"
         )
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            f"fastmam.ops.{op}: backend 'triton' needs CUDA tensors, got a tensor on {device}; move the inputs to "
+            "the GPU, use backend='reference', or set TRITON_INTERPRET=1 before importing fastmam (slow; for tests)"
+        )
     if choice == "cuda" and device.type != "cuda":
         raise BackendUnavailableError(
             f"fastmam.ops.{op}: backend 'cuda' needs CUDA tensors, got a tensor on {device}; "

@@ -53,6 +53,23 @@ class MaskedPatches(NamedTuple):
     mask: torch.Tensor
 
 
+def mask_clip(clip, noise, ratio, tubelet, patch, layout, masking) -> tuple[tuple[int, ...], Masking]:
+    """Validate a clip and its noise, and mask it: shared by every backend of ``tube_mask_gather``.
+
+    Returns the clip's (B, T, H, W, C) and the ``Masking``."""
+    geometry = clip_geometry(clip, layout, tubelet, patch)
+    b, t, h, w, _ = geometry
+    s = (h // patch) * (w // patch)
+    slices = t // tubelet
+    check_noise(noise, b, s if masking == "tube" else s * slices)
+    check_same_device(clip=clip, noise=noise)
+    if masking == "tube":
+        return geometry, tube_masking_reference(noise, ratio, slices)
+    if masking == "random":
+        return geometry, random_masking_reference(noise, ratio)
+    raise ValueError(f"masking='{masking}' is not supported; expected 'tube' or 'random'")
+
+
 def tube_mask_gather_reference(
     clip: torch.Tensor,
     noise: torch.Tensor,
@@ -70,17 +87,7 @@ def tube_mask_gather_reference(
     clip: (B, T, H, W, C) uint8 (normalized here with mean/std in [0, 1] units) or (B, C, T, H, W)
     float already normalized (only cast). noise: (B, S) for tube masking, (B, N) for random.
     """
-    b, t, h, w, c = clip_geometry(clip, layout, tubelet, patch)
-    s = (h // patch) * (w // patch)
-    slices = t // tubelet
-    check_noise(noise, b, s if masking == "tube" else s * slices)
-    check_same_device(clip=clip, noise=noise)
-    if masking == "tube":
-        m = tube_masking_reference(noise, ratio, slices)
-    elif masking == "random":
-        m = random_masking_reference(noise, ratio)
-    else:
-        raise ValueError(f"masking='{masking}' is not supported; expected 'tube' or 'random'")
+    (b, t, h, w, c), m = mask_clip(clip, noise, ratio, tubelet, patch, layout, masking)
     visible = gather_tokens_reference(patchify_reference(clip, tubelet, patch, layout), m.ids_keep)
     if layout == "BTHWC":
         visible = normalize_patches(visible, mean, std, c, out_dtype)

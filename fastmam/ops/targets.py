@@ -17,6 +17,33 @@ from .gather import _channel_stats, gather_tokens_reference, patchify_reference
 EPS = 1e-6  # VideoMAE's epsilon in (v - mean) / (std + eps)
 
 
+def check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std) -> tuple[int, int, int, int, int]:
+    """Validate a target op's inputs (shared by every backend); returns the clip's (B, T, H, W, C)."""
+    geometry = clip_geometry(clip, layout, tubelet, patch)
+    b, t, h, w, _ = geometry
+    check_ids(ids_masked, b, (t // tubelet) * (h // patch) * (w // patch), "ids_masked")
+    check_same_device(clip=clip, ids_masked=ids_masked)
+    if layout == "BCTHW" and (mean is None or std is None):
+        raise ValueError("a normalized BCTHW clip needs the mean and std it was normalized with, to un-normalize")
+    return geometry
+
+
+def check_rgb_diff_inputs(clip, tubelet, next_clip) -> None:
+    if next_clip is None:
+        if tubelet < 2:
+            raise ValueError("rgb_diff_target needs tubelet >= 2 (or next_clip for the dense variant)")
+    elif next_clip.shape != clip.shape or next_clip.dtype != clip.dtype:
+        raise ValueError(
+            f"next_clip must match clip: got {tuple(next_clip.shape)} {next_clip.dtype}, "
+            f"expected {tuple(clip.shape)} {clip.dtype}"
+        )
+
+
+def check_normalizable(rows: int, normalize: bool) -> None:
+    if normalize and rows < 2:
+        raise ValueError("per-patch normalization needs at least 2 values per patch and channel")
+
+
 def _masked_pixels(
     clip: torch.Tensor,
     ids_masked: torch.Tensor,
@@ -27,22 +54,17 @@ def _masked_pixels(
     std: Sequence[float] | None,
 ) -> torch.Tensor:
     """The masked tokens' pixels in [0, 1] units, fp32: (B, Nm, t, p*p, C)."""
-    b, t, h, w, c = clip_geometry(clip, layout, tubelet, patch)
-    check_ids(ids_masked, b, (t // tubelet) * (h // patch) * (w // patch), "ids_masked")
-    check_same_device(clip=clip, ids_masked=ids_masked)
+    b, t, h, w, c = check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
     tokens = gather_tokens_reference(patchify_reference(clip, tubelet, patch, layout), ids_masked.long())
     v = tokens.reshape(b, -1, tubelet, patch * patch, c).to(torch.float32)
     if layout == "BTHWC":
         return v / 255.0
-    if mean is None or std is None:
-        raise ValueError("a normalized BCTHW clip needs the mean and std it was normalized with, to un-normalize")
     return v * _channel_stats(std, c, "std", v.device) + _channel_stats(mean, c, "mean", v.device)
 
 
 def normalize_per_patch(v: torch.Tensor) -> torch.Tensor:
     """(B, M, K, C): per token and channel over its K values, ``(v - mean) / (std_unbiased + 1e-6)``."""
-    if v.shape[-2] < 2:
-        raise ValueError("per-patch normalization needs at least 2 values per patch and channel")
+    check_normalizable(v.shape[-2], True)
     return (v - v.mean(dim=-2, keepdim=True)) / (v.var(dim=-2, unbiased=True, keepdim=True).sqrt() + EPS)
 
 
@@ -88,17 +110,11 @@ def rgb_diff_target_reference(
     clip; frame i is the raw frame right after clip's frame i): ``next[f] - x[f]`` for all t frames
     -> (B, Nm, t*p*p*C). ``normalize``: per patch and channel, the pixel target's formula.
     """
+    check_rgb_diff_inputs(clip, tubelet, next_clip)
     v = _masked_pixels(clip, ids_masked, tubelet, patch, layout, mean, std)
     if next_clip is None:
-        if tubelet < 2:
-            raise ValueError("rgb_diff_target needs tubelet >= 2 (or next_clip for the dense variant)")
         d = v[:, :, 1:] - v[:, :, :-1]
     else:
-        if next_clip.shape != clip.shape or next_clip.dtype != clip.dtype:
-            raise ValueError(
-                f"next_clip must match clip: got {tuple(next_clip.shape)} {next_clip.dtype}, "
-                f"expected {tuple(clip.shape)} {clip.dtype}"
-            )
         d = _masked_pixels(next_clip, ids_masked, tubelet, patch, layout, mean, std) - v
     b, m, f, pp, c = d.shape
     d = d.reshape(b, m, f * pp, c)
