@@ -31,6 +31,14 @@ def _weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor | None) -
     return (per_token * w).sum() / w.sum()
 
 
+def motion_term(motion_pred, motion_target, num_tokens: int, token_weight, like: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over tokens of the per-token MSE (fp32); a zero scalar like ``like`` without motion."""
+    if motion_pred is None:
+        return like.new_zeros(())
+    diff = motion_pred.reshape(num_tokens, -1).to(torch.float32) - motion_target.reshape(num_tokens, -1).float()
+    return _weighted_mean(diff.square().mean(dim=-1), token_weight)
+
+
 def dual_decoder_loss_reference(
     appearance_hidden: torch.Tensor,
     head_weight: torch.Tensor,
@@ -52,11 +60,7 @@ def dual_decoder_loss_reference(
     else:
         per_token = F.cross_entropy(pred, appearance_target.reshape(-1).long(), reduction="none")
     appearance = _weighted_mean(per_token, token_weight)
-    if motion_pred is None:
-        motion = appearance.new_zeros(())
-    else:
-        diff = motion_pred.reshape(h.shape[0], -1).to(torch.float32) - motion_target.reshape(h.shape[0], -1).float()
-        motion = _weighted_mean(diff.square().mean(dim=-1), token_weight)
+    motion = motion_term(motion_pred, motion_target, h.shape[0], token_weight, appearance)
     return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
 
 
