@@ -12,10 +12,19 @@ import importlib.util
 import torch
 
 from . import _backend
-from ._checks import check_same_device
+from ._checks import check_same_device, clip_geometry
 from .gather import MaskedPatches, mask_clip
 from .loss import LossOutput, dual_decoder_loss_reference, motion_term
 from .targets import check_normalizable, check_rgb_diff_inputs, check_target_inputs
+
+
+def _floats(values) -> list[float] | None:
+    """Per-channel statistics as a list of floats (the custom ops' schema), or None."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return [float(v) for v in values.flatten().tolist()]
+    return [float(v) for v in values]
 
 
 def _kernels():
@@ -30,64 +39,118 @@ CE_CHUNK_ROWS = 4096
 CE_BLOCK_K = 1024
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """mean_w CE(h @ W.T + b, codes) with the (M x K) logits computed and consumed chunk by chunk.
+# --------------------------------------------------------------------------- torch.library ops
+# Each kernel launcher is a custom op with a fake (meta) implementation, so torch.compile(fullgraph=True)
+# traces through it as one node instead of breaking the graph at the Triton launch.
 
-    Gradients are computed in the forward pass (one sweep over the logits instead of two) and
-    scaled by the incoming gradient in backward."""
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, codes, token_weight, chunk_rows):
-        from fastmam.kernels.cross_entropy import ce_fwd_grad_
+@torch.library.custom_op("fastmam::gather_normalize", mutates_args=())
+def _gather_normalize_op(clip: torch.Tensor, ids: torch.Tensor, tubelet: int, patch: int, mean: list[float],
+                         std: list[float], out_dtype: torch.dtype, layout: str) -> torch.Tensor:
+    geometry = clip_geometry(clip, layout, tubelet, patch)
+    return _kernels().gather_normalize(clip, ids, tubelet, patch, mean, std, out_dtype, layout, geometry)
 
-        m = h.shape[0]
-        h32, w32 = h.float(), weight.float()
-        b32 = bias.float() if bias is not None else None
-        if token_weight is None:
-            scale = torch.full((m,), 1.0 / m, dtype=torch.float32, device=h.device)
-        else:
-            w = token_weight.reshape(-1).float()
-            scale = w / w.sum()
-        codes = codes.reshape(-1).long().contiguous()
-        grad_h = torch.empty_like(h32)
-        grad_w = torch.zeros_like(w32)
-        grad_b = torch.zeros_like(b32) if b32 is not None else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for r0 in range(0, m, chunk_rows):
-            r1 = min(m, r0 + chunk_rows)
-            hc = h32[r0:r1]
-            logits = hc @ w32.t()
-            if b32 is not None:
-                logits += b32
-            rows = ce_fwd_grad_(logits, codes[r0:r1], scale[r0:r1], CE_BLOCK_K)  # logits -> d(loss)/d(logits)
-            loss += (rows * scale[r0:r1]).sum()
-            grad_h[r0:r1] = logits @ w32
-            grad_w.addmm_(logits.t(), hc)
-            if grad_b is not None:
-                grad_b += logits.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_w.new_empty(0))
-        ctx.has_bias = grad_b is not None
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh, dw, db = ctx.dtypes
-        return ((grad_h * grad_out).to(dh), (grad_w * grad_out).to(dw),
-                (grad_b * grad_out).to(db) if ctx.has_bias else None, None, None, None)
+@_gather_normalize_op.register_fake
+def _(clip, ids, tubelet, patch, mean, std, out_dtype, layout):
+    c = clip.shape[-1] if layout == "BTHWC" else clip.shape[1]
+    return clip.new_empty((ids.shape[0], ids.shape[1], tubelet * patch * patch * c), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastmam::masked_target", mutates_args=())
+def _masked_target_op(clip: torch.Tensor, next_clip: torch.Tensor | None, ids: torch.Tensor, tubelet: int, patch: int,
+                      normalize: bool, mean: list[float] | None, std: list[float] | None, layout: str,
+                      diff: int) -> torch.Tensor:
+    geometry = clip_geometry(clip, layout, tubelet, patch)
+    return _kernels().masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, geometry,
+                                    diff)
+
+
+@_masked_target_op.register_fake
+def _(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, diff):
+    c = clip.shape[-1] if layout == "BTHWC" else clip.shape[1]
+    rows = (tubelet - (1 if diff == 1 else 0)) * patch * patch
+    return clip.new_empty((ids.shape[0], ids.shape[1], rows * c), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmam::fused_linear_ce", mutates_args=())
+def _fused_linear_ce_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor,
+                        scale: torch.Tensor, chunk_rows: int, block_k: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_i scale_i * CE(h_i @ W.T + b, codes_i) over (M, Da) ``h`` and its fp32 gradients (dh, dW, db).
+
+    Chunks of ``chunk_rows`` tokens: a matmul gives the chunk's fp32 logits, the kernel turns them into row
+    losses and overwrites them with d(loss)/d(logits), two matmuls accumulate the gradients. The (M x K)
+    logits never exist whole, and the gradients come out of the same sweep."""
+    from fastmam.kernels.cross_entropy import ce_fwd_grad_
+
+    h32, w32 = h.float(), weight.float()
+    b32 = bias.float() if bias is not None else None
+    grad_h = torch.empty_like(h32)
+    grad_w = torch.zeros_like(w32)
+    grad_b = torch.zeros_like(b32) if b32 is not None else h32.new_empty(0)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for r0 in range(0, h.shape[0], chunk_rows):
+        r1 = min(h.shape[0], r0 + chunk_rows)
+        hc = h32[r0:r1]
+        logits = hc @ w32.t()
+        if b32 is not None:
+            logits += b32
+        rows = ce_fwd_grad_(logits, codes[r0:r1], scale[r0:r1], block_k)  # logits -> d(loss)/d(logits)
+        loss += (rows * scale[r0:r1]).sum()
+        grad_h[r0:r1] = logits @ w32
+        grad_w.addmm_(logits.t(), hc)
+        if b32 is not None:
+            grad_b += logits.sum(0)
+    return loss, grad_h, grad_w, grad_b
+
+
+@_fused_linear_ce_op.register_fake
+def _(h, weight, bias, codes, scale, chunk_rows, block_k):
+    f32 = torch.float32
+    grad_b = bias.new_empty(bias.shape, dtype=f32) if bias is not None else h.new_empty(0, dtype=f32)
+    grad_w = weight.new_empty(weight.shape, dtype=f32)
+    return h.new_empty((), dtype=f32), h.new_empty(h.shape, dtype=f32), grad_w, grad_b
+
+
+def _ce_setup_context(ctx, inputs, output):
+    h, weight, bias = inputs[:3]
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+
+def _ce_backward(ctx, grad_loss, *_unused_grads_of_grads):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    dh, dw, db = ctx.dtypes
+    return ((grad_h * grad_loss).to(dh), (grad_w * grad_loss).to(dw),
+            (grad_b * grad_loss).to(db) if db is not None else None, None, None, None, None)
+
+
+_fused_linear_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def fused_linear_cross_entropy(h, weight, bias, codes, token_weight=None):
+    """Token-weighted mean CE of ``h @ weight.T + bias`` against ``codes``: h (M, Da), weight (K, Da),
+    bias (K,) or None, codes (M,) int, token_weight (M,) or None -> fp32 scalar, differentiable in h,
+    weight and bias."""
+    m = h.shape[0]
+    if token_weight is None:
+        scale = torch.full((m,), 1.0 / m, dtype=torch.float32, device=h.device)
+    else:
+        w = token_weight.reshape(-1).float()
+        scale = w / w.sum()
+    return _fused_linear_ce_op(h, weight, bias, codes.reshape(-1).long().contiguous(), scale, CE_CHUNK_ROWS,
+                               CE_BLOCK_K)[0]
 
 
 def dual_decoder_loss_triton(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred=None,
-                             motion_target=None, appearance_weight=1.0, motion_weight=1.0, token_weight=None,
-                             chunk_rows=None):
+                             motion_target=None, appearance_weight=1.0, motion_weight=1.0, token_weight=None):
     """Codes: fused chunked cross-entropy (Triton); pixels: the reference's MSE. Motion: the reference's MSE."""
     if appearance_target.is_floating_point():
         return dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
                                            motion_target, appearance_weight, motion_weight, token_weight)
     h = appearance_hidden.reshape(-1, appearance_hidden.shape[-1])
-    appearance = _FusedLinearCrossEntropy.apply(h, head_weight, head_bias, appearance_target, token_weight,
-                                                chunk_rows or CE_CHUNK_ROWS)
+    appearance = fused_linear_cross_entropy(h, head_weight, head_bias, appearance_target, token_weight)
     motion = motion_term(motion_pred, motion_target, h.shape[0], token_weight, appearance)
     return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
 
@@ -100,27 +163,27 @@ def tube_mask_gather_triton(clip, noise, ratio, tubelet, patch, mean, std, out_d
         for name, values in (("mean", mean), ("std", std)):
             if torch.as_tensor(values).numel() != c:
                 raise ValueError(f"{name} must have one value per channel ({c}), got {torch.as_tensor(values).numel()}")
-    patches = _kernels().gather_normalize(clip, m.ids_keep, tubelet, patch, mean, std, out_dtype, layout, geometry)
+    patches = _gather_normalize_op(clip, m.ids_keep, tubelet, patch, _floats(mean), _floats(std), out_dtype, layout)
     return MaskedPatches(patches, *m)
 
 
 def pixel_target_triton(clip, ids_masked, tubelet, patch, normalize=True, mean=None, std=None, layout="BTHWC"):
-    geometry = check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
+    check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
     check_normalizable(tubelet * patch * patch, normalize)
-    return _kernels().masked_target(clip, None, ids_masked.long(), tubelet, patch, normalize, mean, std, layout,
-                                    geometry, diff=0)
+    return _masked_target_op(clip, None, ids_masked.long(), tubelet, patch, normalize, _floats(mean), _floats(std),
+                             layout, 0)
 
 
 def rgb_diff_target_triton(clip, ids_masked, tubelet, patch, normalize=False, next_clip=None, mean=None, std=None,
                            layout="BTHWC"):
     check_rgb_diff_inputs(clip, tubelet, next_clip)
-    geometry = check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
+    check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
     dense = next_clip is not None
     if dense:
         check_same_device(clip=clip, next_clip=next_clip)
     check_normalizable((tubelet - (0 if dense else 1)) * patch * patch, normalize)
-    return _kernels().masked_target(clip, next_clip, ids_masked.long(), tubelet, patch, normalize, mean, std, layout,
-                                    geometry, diff=2 if dense else 1)
+    return _masked_target_op(clip, next_clip, ids_masked.long(), tubelet, patch, normalize, _floats(mean),
+                             _floats(std), layout, 2 if dense else 1)
 
 
 if importlib.util.find_spec("triton") is not None:
