@@ -129,6 +129,41 @@ def _ce_backward(ctx, grad_loss, *_unused_grads_of_grads):
 _fused_linear_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
+@torch.library.custom_op("fastmam::copy_rows", mutates_args=())
+def _copy_rows_op(x: torch.Tensor, ids: torch.Tensor, num_out: int, scatter: bool) -> torch.Tensor:
+    from fastmam.kernels.tokens import copy_rows
+
+    return copy_rows(x, ids, num_out, scatter)
+
+
+@_copy_rows_op.register_fake
+def _(x, ids, num_out, scatter):
+    return x.new_empty((x.shape[0], num_out, x.shape[-1]))
+
+
+def _copy_rows_setup_context(ctx, inputs, output):
+    x, ids, _, scatter = inputs
+    ctx.save_for_backward(ids)
+    ctx.num_in, ctx.scatter = x.shape[1], scatter
+
+
+def _copy_rows_backward(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    # gather's backward scatters the gradient rows back; scatter's backward gathers them
+    return _copy_rows_op(grad, ids, ctx.num_in, not ctx.scatter), None, None, None
+
+
+_copy_rows_op.register_autograd(_copy_rows_backward, setup_context=_copy_rows_setup_context)
+
+
+def gather_tokens_triton(x, ids):
+    return _copy_rows_op(x, ids, ids.shape[1], False)
+
+
+def scatter_tokens_triton(x, ids, num_tokens):
+    return _copy_rows_op(x, ids, num_tokens, True)
+
+
 def fused_linear_cross_entropy(h, weight, bias, codes, token_weight=None):
     """Token-weighted mean CE of ``h @ weight.T + bias`` against ``codes``: h (M, Da), weight (K, Da),
     bias (K,) or None, codes (M,) int, token_weight (M,) or None -> fp32 scalar, differentiable in h,
@@ -191,3 +226,5 @@ if importlib.util.find_spec("triton") is not None:
     _backend.register("pixel_target", "triton", pixel_target_triton)
     _backend.register("rgb_diff_target", "triton", rgb_diff_target_triton)
     _backend.register("dual_decoder_loss", "triton", dual_decoder_loss_triton)
+    _backend.register("gather_tokens", "triton", gather_tokens_triton)
+    _backend.register("scatter_tokens", "triton", scatter_tokens_triton)

@@ -1,0 +1,47 @@
+"""Triton kernel for token gather / scatter: copy rows of (B, N, D) tokens selected by ids (B, K).
+
+gather: out[b, k] = x[b, ids[b, k]]; scatter: out[b, ids[b, k]] = x[b, k] into zeros. Each is the
+other's backward (ids are distinct per sample, as masking produces them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_rows_kernel(
+    src_ptr,  # (B, N_src, D), row stride s_row, batch stride s_b
+    dst_ptr,  # (B, N_dst, D), contiguous
+    ids_ptr,  # (B, K) int64, contiguous
+    K, D, s_b, s_row, n_dst,
+    SCATTER: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (b, k)
+    b = pid // K
+    n = tl.load(ids_ptr + pid).to(tl.int64)
+    if SCATTER:
+        src_row = src_ptr + b * s_b + (pid % K) * s_row
+        dst_row = dst_ptr + (b * n_dst + n) * D
+    else:
+        src_row = src_ptr + b * s_b + n * s_row
+        dst_row = dst_ptr + pid * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(dst_row + d, tl.load(src_row + d, mask=d < D), mask=d < D)
+
+
+def copy_rows(x: torch.Tensor, ids: torch.Tensor, num_out: int, scatter: bool) -> torch.Tensor:
+    """Launcher: gather (B, K, D) rows of x at ids, or scatter x's K rows into zeros (B, num_out, D)."""
+    b, _, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    ids = ids.contiguous()
+    k = ids.shape[1]
+    out = (torch.zeros if scatter else torch.empty)((b, num_out, d), dtype=x.dtype, device=x.device)
+    if b * k * d:
+        _copy_rows_kernel[(b * k,)](x, out, ids, k, d, x.stride(0), x.stride(1), num_out, SCATTER=scatter,
+                                    BLOCK_D=min(1024, triton.next_power_of_2(d)))
+    return out
