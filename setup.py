@@ -71,7 +71,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0"],
+        "test": ["pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.12"],
         "dali": ["nvidia-dali-cuda120"],
         "flash-attn": ["flash-attn>=2.5"],

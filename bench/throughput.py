@@ -42,8 +42,16 @@ def shapes(quick: bool) -> dict:
     return {"B": 64, "T": 16, "H": 224, "t": 2, "p": 16, "ratio": 0.9, "K": 8192, "Da": 384, "preset": "vit_b"}
 
 
-def op_cases(s: dict, device: torch.device, dtype: torch.dtype):
-    """(op name, shape string, callables taking ``impl`` function, minimal bytes moved) per op."""
+class Case:
+    """One op at one shape. ``run(fn)`` calls an implementation; ``grad_inputs`` (if any) are the tensors
+    whose gradients the backward pass computes; ``nbytes``: the minimal bytes the forward must move."""
+
+    def __init__(self, name, shape, run, nbytes, reference, grad_inputs=()):
+        self.name, self.shape, self.run, self.nbytes, self.reference = name, shape, run, nbytes, reference
+        self.grad_inputs = tuple(grad_inputs)
+
+
+def op_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
     b, t_frames, h, t, p, ratio = s["B"], s["T"], s["H"], s["t"], s["p"], s["ratio"]
     g = torch.Generator(device=device).manual_seed(0)
     clip = torch.randint(0, 256, (b, t_frames, h, h, 3), dtype=torch.uint8, device=device, generator=g)
@@ -53,16 +61,20 @@ def op_cases(s: dict, device: torch.device, dtype: torch.dtype):
     nv, nm = m.ids_keep.shape[1], m.ids_masked.shape[1]
     pv = t * p * p * 3
     shape = f"B{b} T{t_frames} {h}x{h} t{t} p{p} r{ratio}"
-
-    # bytes: read the visible uint8 pixels once, write them in the model dtype (+ ids and mask)
-    gather_bytes = b * nv * pv * (1 + dtype.itemsize) + b * (nv + nm) * 8 + b * (nv + nm)
-    yield ("tube_mask_gather", shape,
-           lambda f: f(clip, noise, ratio, t, p, MEAN, STD, dtype), gather_bytes, ops.tube_mask_gather_reference)
-    # targets: read the masked uint8 pixels, write fp32 targets
-    yield ("pixel_target", shape, lambda f: f(clip, m.ids_masked, t, p, True),
-           b * nm * pv * (1 + 4), ops.pixel_target_reference)
-    yield ("rgb_diff_target", shape, lambda f: f(clip, m.ids_masked, t, p, False),
-           b * nm * pv + b * nm * (t - 1) * p * p * 3 * 4, ops.rgb_diff_target_reference)
+    cases = [
+        # read the visible uint8 pixels once, write them in the model dtype (+ ids and mask)
+        Case("tube_mask_gather", shape, lambda f: f(clip, noise, ratio, t, p, MEAN, STD, dtype).patches,
+             b * nv * pv * (1 + dtype.itemsize) + b * (nv + nm) * 9, ops.tube_mask_gather_reference),
+        # read the masked uint8 pixels, write fp32 targets
+        Case("pixel_target", shape, lambda f: f(clip, m.ids_masked, t, p, True), b * nm * pv * 5,
+             ops.pixel_target_reference),
+        Case("rgb_diff_target", shape, lambda f: f(clip, m.ids_masked, t, p, False),
+             b * nm * pv + b * nm * (t - 1) * p * p * 3 * 4, ops.rgb_diff_target_reference),
+    ]
+    dim = s["Da"] * 2  # encoder-width tokens
+    tokens = torch.randn(b, nv + nm, dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    cases.append(Case("gather_tokens", f"B{b} N{nv + nm} K{nv} D{dim}", lambda f: f(tokens, m.ids_keep),
+                      2 * b * nv * dim * dtype.itemsize + b * nv * 8, ops.gather_tokens_reference, (tokens,)))
 
     k, da, dm = s["K"], s["Da"], (t - 1) * p * p * 3
     h_a = torch.randn(b * nm, da, device=device, dtype=dtype, generator=g, requires_grad=True)
@@ -71,16 +83,78 @@ def op_cases(s: dict, device: torch.device, dtype: torch.dtype):
     codes = torch.randint(0, k, (b * nm,), device=device, generator=g)
     mp = torch.randn(b * nm, dm, device=device, dtype=dtype, generator=g, requires_grad=True)
     mt = torch.randn(b * nm, dm, device=device, generator=g)
+    # compute-bound at codebook scale; bytes = inputs read once
+    cases.append(Case("dual_decoder_loss", f"M{b * nm} Da{da} K{k} Dm{dm}",
+                      lambda f: f(h_a, w, bias, codes, mp, mt).total,
+                      dtype.itemsize * (h_a.numel() + w.numel() + mp.numel()) + 4 * mt.numel(),
+                      ops.dual_decoder_loss_reference, (h_a, w, bias, mp)))
+    return cases
 
-    def loss_fwd_bwd(f):
-        out = f(h_a, w, bias, codes, mp, mt)
-        out.total.backward()
-        return out
 
-    # the loss is compute-bound at codebook scale; bytes = inputs read once and grads written once
-    loss_bytes = 2 * dtype.itemsize * (h_a.numel() + w.numel() + mp.numel()) + 4 * mt.numel()
-    yield ("dual_decoder_loss", f"M{b * nm} Da{da} K{k} Dm{dm}", loss_fwd_bwd, loss_bytes,
-           ops.dual_decoder_loss_reference)
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write) of a large buffer: the roof for
+    memory-bound ops."""
+    n = (16 if quick else 1024) * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device)["ms_median"]
+    return 2 * n / (ms / 1e3) / 1e9
+
+
+def time_case(case: Case, impl: str, fn, device, copy_gbs: float, env: dict, dtype) -> list[dict]:
+    """Rows for the forward, and for ops with gradients also the backward alone and forward+backward."""
+    rows = []
+
+    def row(pass_name, timing, nbytes=None):
+        r = {"op": case.name, "impl": impl, "pass": pass_name, "shape": case.shape, **timing,
+             "dtype": str(dtype).removeprefix("torch."), **env}
+        if nbytes is not None:
+            r["bytes"] = nbytes
+            r["gb_per_s"] = nbytes / (timing["ms_median"] / 1e3) / 1e9
+            r["pct_copy_bw"] = 100 * r["gb_per_s"] / copy_gbs
+        rows.append(r)
+
+    if not case.grad_inputs:
+        row("fwd", time_fn(lambda: case.run(fn), device), case.nbytes)
+        return rows
+    with torch.no_grad():
+        row("fwd", time_fn(lambda: case.run(fn), device), case.nbytes)
+    out = case.run(fn)
+    grad = torch.ones_like(out)
+    row("bwd", time_fn(lambda: torch.autograd.grad(out, case.grad_inputs, grad, retain_graph=True), device))
+    row("fwd+bwd", time_fn(lambda: torch.autograd.grad(case.run(fn), case.grad_inputs, grad), device))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """A bar chart of median ms per op, pass and implementation; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r["op"] != "train_step"]
+    labels = sorted({(r["op"], r["pass"]) for r in rows}, key=lambda x: (x[0], x[1]))
+    impls = sorted({r["impl"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        ms = [next((r["ms_median"] for r in rows if (r["op"], r["pass"]) == lab and r["impl"] == impl), 0.0)
+              for lab in labels]
+        ax.bar([i + j * width for i in range(len(labels))], ms, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{op}\n{ps}" for op, ps in labels], fontsize=7)
+    ax.set_ylabel("median ms (lower is better)")
+    ax.set_yscale("log")
+    env = rows[0]
+    ax.set_title(f"fastmam ops on {env['device']} (torch {env['torch']}, {env['commit'] or 'no commit'})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def step_row(preset: str, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> dict:
@@ -114,30 +188,31 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     s = shapes(args.quick)
     env = environment(device)
+    copy_gbs = copy_bandwidth(device, args.quick)
     rows = []
-    for name, shape, call, nbytes, reference in op_cases(s, device, dtype):
-        impls = [("reference", reference)]
+    for case in op_cases(s, device, dtype):
+        impls = [("reference", case.reference)]
         if args.compile:
-            impls.append(("compile(reference)", torch.compile(reference)))
+            impls.append(("compile(reference)", torch.compile(case.reference)))
         # fused kernels: timed only on a GPU (the Triton interpreter on CPU measures nothing useful)
         for backend in ("triton", "cuda"):
-            if device.type == "cuda" and backend in ops.available(name):
-                impls.append((backend, _backend.resolve(name, backend, device)[1]))
+            if device.type == "cuda" and backend in ops.available(case.name):
+                impls.append((backend, _backend.resolve(case.name, backend, device)[1]))
         for impl, fn in impls:
-            timing = time_fn(lambda fn=fn, call=call: call(fn), device)
-            rows.append({"op": name, "impl": impl, "pass": "fwd+bwd" if name == "dual_decoder_loss" else "fwd",
-                         "shape": shape, **timing, "gb_per_s": nbytes / (timing["ms_median"] / 1e3) / 1e9,
-                         "bytes": nbytes, "dtype": str(dtype).removeprefix("torch."), **env})
+            rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:
         rows.append(step_row(s["preset"], s["B"], device, dtype, env))
 
-    print(f"device: {env['device']} ({env['device_type']}), torch {env['torch']}, commit {env['commit']}")
+    print(f"device: {env['device']} ({env['device_type']}), torch {env['torch']}, commit {env['commit']}, "
+          f"measured copy bandwidth {copy_gbs:.1f} GB/s")
     print(format_table(rows))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"throughput_{env['device_type']}_{time.strftime('%Y%m%d_%H%M%S')}.json"
         path.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {path}")
+        png = path.with_suffix(".png")
+        print(f"plot written to {png}" if plot(rows, png) else "no plot: matplotlib is not installed")
     return 0
 
 
