@@ -93,8 +93,13 @@ class SyntheticShapes(Dataset):
     """
 
     def __init__(self, num_samples: int, num_frames: int, height: int, width: int, seed: int = 0):
-        for name, value, low in (("num_samples", num_samples, 1), ("num_frames", num_frames, 1),
-                                 ("height", height, 8), ("width", width, 8), ("seed", seed, 0)):
+        for name, value, low in (
+            ("num_samples", num_samples, 1),
+            ("num_frames", num_frames, 1),
+            ("height", height, 8),
+            ("width", width, 8),
+            ("seed", seed, 0),
+        ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"SyntheticShapes: {name}={value!r} is invalid; expected an int >= {low}")
         self.num_samples, self.num_frames = int(num_samples), int(num_frames)
@@ -110,8 +115,15 @@ class SyntheticShapes(Dataset):
         index = self._check_index(index)
         traj, static = self._sample(index)
         f32 = lambda a: a.astype(np.float32)[:, None, None]
-        alpha = _coverage(traj.shape, f32(traj.center[:, 0]), f32(traj.center[:, 1]), f32(traj.angle),
-                          f32(traj.radius), self._xs, self._ys)[..., None]
+        alpha = _coverage(
+            traj.shape,
+            f32(traj.center[:, 0]),
+            f32(traj.center[:, 1]),
+            f32(traj.angle),
+            f32(traj.radius),
+            self._xs,
+            self._ys,
+        )[..., None]
         frames = static[None] + alpha * (traj.color.astype(np.float32) - static[None])
         video = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
         return {"video": torch.from_numpy(np.ascontiguousarray(video)), "label": traj.label, "index": index}

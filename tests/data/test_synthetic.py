@@ -127,6 +127,22 @@ def test_rotation_and_scaling_change_every_frame(motion):
             assert np.all(sign * d_radius / traj.radius[:-1] >= 0.005) and np.all(d_angle == 0)
 
 
+def test_rendered_size_matches_the_ground_truth_radius():
+    ds = SyntheticShapes(30, 4, 96, 96, seed=9)
+    sides = {"square": 4, "triangle": 3}
+    for i in range(len(ds)):
+        traj = ds.trajectory(i)
+        v = ds[i]["video"].numpy().astype(np.int32)
+        area = (np.abs(v - traj.color.astype(np.int32)).max(-1) <= 2).sum((1, 2))
+        # Fully covered pixels are those at least half a pixel inside the outline: erode the ideal shape by 0.5.
+        if traj.shape == "circle":
+            ideal = np.pi * (traj.radius - 0.5) ** 2
+        else:
+            k = sides[traj.shape]
+            ideal = k * np.tan(np.pi / k) * (traj.radius * np.cos(np.pi / k) - 0.5) ** 2
+        assert np.all(np.abs(area - ideal) <= 0.1 * ideal + 4), (traj.shape, area, ideal)
+
+
 @pytest.mark.parametrize("t,h,w", [(16, 64, 64), (32, 8, 8), (8, 24, 96)])
 def test_main_shape_stays_inside_the_frame(t, h, w):
     ds = SyntheticShapes(60, t, h, w, seed=8)
