@@ -29,17 +29,15 @@ import torch  # noqa: E402
 
 from bench.harness import environment, format_table, time_fn  # noqa: E402
 from fastmam import ops  # noqa: E402
-from fastmam.config import load_config  # noqa: E402
+from fastmam.config import Config, load_config  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
 from fastmam.ops import _backend  # noqa: E402
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-
-def shapes(quick: bool) -> dict:
-    if quick:
-        return {"B": 2, "T": 4, "H": 32, "t": 2, "p": 8, "ratio": 0.75, "K": 64, "Da": 32, "preset": "tiny"}
-    return {"B": 64, "T": 16, "H": 224, "t": 2, "p": 16, "ratio": 0.9, "K": 8192, "Da": 384, "preset": "vit_b"}
+def bench_config(quick: bool) -> tuple[Config, int]:
+    """The preset whose shapes are measured and the batch: ViT-B (16x224, tubelet 2, patch 16, ratio 0.9,
+    decoder width 384, codebook 8192) at B=64, or the tiny preset at B=2 for --quick."""
+    return (load_config("tiny"), 2) if quick else (load_config("vit_b"), 64)
 
 
 class Case:
@@ -51,8 +49,9 @@ class Case:
         self.grad_inputs = tuple(grad_inputs)
 
 
-def op_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    b, t_frames, h, t, p, ratio = s["B"], s["T"], s["H"], s["t"], s["p"], s["ratio"]
+def op_cases(cfg: Config, b: int, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    t_frames, h, t, p = cfg.data.num_frames, cfg.data.img_size, cfg.model.tubelet, cfg.model.patch
+    ratio, mean, std = cfg.masking.ratio, cfg.data.mean, cfg.data.std
     g = torch.Generator(device=device).manual_seed(0)
     clip = torch.randint(0, 256, (b, t_frames, h, h, 3), dtype=torch.uint8, device=device, generator=g)
     spatial = (h // p) ** 2
@@ -63,7 +62,7 @@ def op_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
     shape = f"B{b} T{t_frames} {h}x{h} t{t} p{p} r{ratio}"
     cases = [
         # read the visible uint8 pixels once, write them in the model dtype (+ ids and mask)
-        Case("tube_mask_gather", shape, lambda f: f(clip, noise, ratio, t, p, MEAN, STD, dtype).patches,
+        Case("tube_mask_gather", shape, lambda f: f(clip, noise, ratio, t, p, mean, std, dtype).patches,
              b * nv * pv * (1 + dtype.itemsize) + b * (nv + nm) * 9, ops.tube_mask_gather_reference),
         # read the masked uint8 pixels, write fp32 targets
         Case("pixel_target", shape, lambda f: f(clip, m.ids_masked, t, p, True), b * nm * pv * 5,
@@ -71,12 +70,12 @@ def op_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
         Case("rgb_diff_target", shape, lambda f: f(clip, m.ids_masked, t, p, False),
              b * nm * pv + b * nm * (t - 1) * p * p * 3 * 4, ops.rgb_diff_target_reference),
     ]
-    dim = s["Da"] * 2  # encoder-width tokens
+    dim = cfg.model.embed_dim
     tokens = torch.randn(b, nv + nm, dim, device=device, dtype=dtype, generator=g, requires_grad=True)
     cases.append(Case("gather_tokens", f"B{b} N{nv + nm} K{nv} D{dim}", lambda f: f(tokens, m.ids_keep),
                       2 * b * nv * dim * dtype.itemsize + b * nv * 8, ops.gather_tokens_reference, (tokens,)))
 
-    k, da, dm = s["K"], s["Da"], (t - 1) * p * p * 3
+    k, da, dm = cfg.targets.codebook_size, cfg.model.decoder_dim, (t - 1) * p * p * 3
     h_a = torch.randn(b * nm, da, device=device, dtype=dtype, generator=g, requires_grad=True)
     w = (torch.randn(k, da, device=device, generator=g) / da**0.5).to(dtype).requires_grad_()
     bias = torch.zeros(k, device=device, dtype=dtype, requires_grad=True)
@@ -157,9 +156,9 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def step_row(preset: str, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> dict:
-    """One optimizer step of the full objective (forward, backward, AdamW) on in-memory uint8 clips."""
-    cfg = load_config(preset, [f"data.batch_size={batch}"])
+def step_row(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> dict:
+    """One optimizer step of the full objective (forward, backward, AdamW) on in-memory uint8 clips,
+    with the ops the model picks by default on this device."""
     model = Pretrainer(cfg).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     d = cfg.data
@@ -172,7 +171,8 @@ def step_row(preset: str, batch: int, device: torch.device, dtype: torch.dtype, 
         opt.step()
 
     timing = time_fn(step, device, warmup=2, reps=5)
-    return {"op": "train_step", "impl": "reference", "pass": "fwd+bwd+opt", "shape": f"{preset} B{batch}",
+    impl = _backend.resolve("tube_mask_gather", None if cfg.backend == "auto" else cfg.backend, device)[0]
+    return {"op": "train_step", "impl": impl, "pass": "fwd+bwd+opt", "shape": f"{cfg.name} B{batch}",
             **timing, "clips_per_s": batch / (timing["ms_median"] / 1e3), **env}
 
 
@@ -186,11 +186,11 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    s = shapes(args.quick)
+    cfg, batch = bench_config(args.quick)
     env = environment(device)
     copy_gbs = copy_bandwidth(device, args.quick)
     rows = []
-    for case in op_cases(s, device, dtype):
+    for case in op_cases(cfg, batch, device, dtype):
         impls = [("reference", case.reference)]
         if args.compile:
             impls.append(("compile(reference)", torch.compile(case.reference)))
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         for impl, fn in impls:
             rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:
-        rows.append(step_row(s["preset"], s["B"], device, dtype, env))
+        rows.append(step_row(cfg, batch, device, dtype, env))
 
     print(f"device: {env['device']} ({env['device_type']}), torch {env['torch']}, commit {env['commit']}, "
           f"measured copy bandwidth {copy_gbs:.1f} GB/s")

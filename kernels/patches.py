@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmam.ops._checks import channel_stats
+
 
 @triton.jit
 def _token_cell(ids_ptr, pid, WP, HWP):
@@ -118,10 +120,6 @@ def _bthwc_strides(clip: torch.Tensor, layout: str) -> tuple[int, ...]:
     return s if layout == "BTHWC" else (s[0], s[2], s[3], s[4], s[1])
 
 
-def _stats(values, channels: int, device) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32, device=device).flatten().contiguous()
-
-
 def gather_normalize(clip, ids, tubelet, patch, mean, std, out_dtype, layout, geometry):
     """Launcher: (B, K) ids -> (B, K, t*p*p*C) patches; uint8 normalized with mean/std, float only cast."""
     b, t, h, w, c = geometry
@@ -133,7 +131,8 @@ def gather_normalize(clip, ids, tubelet, patch, mean, std, out_dtype, layout, ge
         return out
     wp, hwp = w // patch, (h // patch) * (w // patch)
     _gather_normalize_fwd_kernel[(b * k,)](
-        clip, ids, out, _stats(mean, c, clip.device), _stats(std, c, clip.device), k, wp, hwp,
+        clip, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
+        k, wp, hwp,
         *_bthwc_strides(clip, layout), TUBELET=tubelet, PATCH=patch, C=c,
         BLOCK=triton.next_power_of_2(pv), NORMALIZE=layout == "BTHWC",
     )
@@ -153,7 +152,7 @@ def masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, la
         mean, std = (0.0,) * c, (1.0,) * c
     other = next_clip if next_clip is not None else clip
     _masked_target_fwd_kernel[(b * m,)](
-        clip, other, ids, out, _stats(mean, c, clip.device), _stats(std, c, clip.device),
+        clip, other, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
         m, w // patch, (h // patch) * (w // patch),
         *_bthwc_strides(clip, layout), *_bthwc_strides(other, layout),
         TUBELET=tubelet, PATCH=patch, C=c, R=rows, BLOCK_R=triton.next_power_of_2(rows),

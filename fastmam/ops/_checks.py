@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 
 LAYOUTS = ("BTHWC", "BCTHW")
@@ -83,3 +86,24 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"inputs must be on one device, got {listing}")
+
+
+@functools.lru_cache(maxsize=64)
+def _stats_on(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def channel_stats(values: Sequence[float] | torch.Tensor, channels: int, name: str, device) -> torch.Tensor:
+    """Per-channel mean or std as a read-only fp32 (C,) tensor on ``device``.
+
+    A sequence is copied to the device once and cached: a fresh host-to-device copy in every call
+    would make the host wait for the GPU in every training step."""
+    if isinstance(values, torch.Tensor):
+        stats = values.to(device=device, dtype=torch.float32).flatten()
+    elif torch.compiler.is_compiling():  # traced once into a graph constant: no copy per call to cache
+        stats = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+    else:
+        stats = _stats_on(tuple(float(v) for v in values), torch.device(device))
+    if stats.numel() != channels:
+        raise ValueError(f"{name} must have one value per channel ({channels}), got {stats.numel()}")
+    return stats

@@ -12,14 +12,15 @@ import importlib.util
 import torch
 
 from . import _backend
-from ._checks import check_same_device, clip_geometry
+from ._checks import channel_stats, check_same_device, clip_geometry
 from .gather import MaskedPatches, mask_clip
 from .loss import LossOutput, dual_decoder_loss_reference, motion_term
 from .targets import check_normalizable, check_rgb_diff_inputs, check_target_inputs
 
 
 def _floats(values) -> list[float] | None:
-    """Per-channel statistics as a list of floats (the custom ops' schema), or None."""
+    """Per-channel statistics as a list of floats (the custom ops' schema), or None. Pass them as a
+    sequence, as the config does: a CUDA tensor here costs a host sync to read it."""
     if values is None:
         return None
     if isinstance(values, torch.Tensor):
@@ -193,11 +194,9 @@ def dual_decoder_loss_triton(appearance_hidden, head_weight, head_bias, appearan
 def tube_mask_gather_triton(clip, noise, ratio, tubelet, patch, mean, std, out_dtype=torch.float32,
                             layout="BTHWC", masking="tube") -> MaskedPatches:
     geometry, m = mask_clip(clip, noise, ratio, tubelet, patch, layout, masking)
-    c = geometry[-1]
     if layout == "BTHWC":
-        for name, values in (("mean", mean), ("std", std)):
-            if torch.as_tensor(values).numel() != c:
-                raise ValueError(f"{name} must have one value per channel ({c}), got {torch.as_tensor(values).numel()}")
+        channel_stats(mean, geometry[-1], "mean", clip.device)
+        channel_stats(std, geometry[-1], "std", clip.device)
     patches = _gather_normalize_op(clip, m.ids_keep, tubelet, patch, _floats(mean), _floats(std), out_dtype, layout)
     return MaskedPatches(patches, *m)
 

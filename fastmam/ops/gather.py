@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from ._checks import check_ids, check_noise, check_same_device, clip_geometry
+from ._checks import channel_stats, check_ids, check_noise, check_same_device, clip_geometry
 from .masking import Masking, random_masking_reference, tube_masking_reference
 
 
@@ -26,19 +26,12 @@ def patchify_reference(clip: torch.Tensor, tubelet: int, patch: int, layout: str
     return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch * c)
 
 
-def _channel_stats(values: Sequence[float] | torch.Tensor, channels: int, name: str, device) -> torch.Tensor:
-    stats = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
-    if stats.numel() != channels:
-        raise ValueError(f"{name} must have one value per channel ({channels}), got {stats.numel()}")
-    return stats
-
-
 def normalize_patches(
     patches: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """uint8 patch vectors (..., t*p*p*C) -> ((v / 255 - mean[c]) / std[c]) in ``dtype`` (fp32 math)."""
-    m = _channel_stats(mean, channels, "mean", patches.device)
-    s = _channel_stats(std, channels, "std", patches.device)
+    m = channel_stats(mean, channels, "mean", patches.device)
+    s = channel_stats(std, channels, "std", patches.device)
     shape = patches.shape
     v = patches.reshape(*shape[:-1], -1, channels).to(torch.float32) / 255.0
     return ((v - m) / s).reshape(shape).to(dtype)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend
-from ._checks import check_ids, check_same_device, clip_geometry
-from .gather import _channel_stats, gather_tokens_reference, patchify_reference
+from ._checks import channel_stats, check_ids, check_same_device, clip_geometry
+from .gather import gather_tokens_reference, patchify_reference
 
 EPS = 1e-6  # VideoMAE's epsilon in (v - mean) / (std + eps)
 
@@ -20,11 +20,14 @@ EPS = 1e-6  # VideoMAE's epsilon in (v - mean) / (std + eps)
 def check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std) -> tuple[int, int, int, int, int]:
     """Validate a target op's inputs (shared by every backend); returns the clip's (B, T, H, W, C)."""
     geometry = clip_geometry(clip, layout, tubelet, patch)
-    b, t, h, w, _ = geometry
+    b, t, h, w, c = geometry
     check_ids(ids_masked, b, (t // tubelet) * (h // patch) * (w // patch), "ids_masked")
     check_same_device(clip=clip, ids_masked=ids_masked)
-    if layout == "BCTHW" and (mean is None or std is None):
-        raise ValueError("a normalized BCTHW clip needs the mean and std it was normalized with, to un-normalize")
+    if layout == "BCTHW":
+        if mean is None or std is None:
+            raise ValueError("a normalized BCTHW clip needs the mean and std it was normalized with, to un-normalize")
+        channel_stats(mean, c, "mean", clip.device)
+        channel_stats(std, c, "std", clip.device)
     return geometry
 
 
@@ -59,7 +62,7 @@ def _masked_pixels(
     v = tokens.reshape(b, -1, tubelet, patch * patch, c).to(torch.float32)
     if layout == "BTHWC":
         return v / 255.0
-    return v * _channel_stats(std, c, "std", v.device) + _channel_stats(mean, c, "mean", v.device)
+    return v * channel_stats(std, c, "std", v.device) + channel_stats(mean, c, "mean", v.device)
 
 
 def normalize_per_patch(v: torch.Tensor) -> torch.Tensor:

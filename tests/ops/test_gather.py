@@ -122,3 +122,14 @@ def test_gather_scatter_errors():
         ops.gather_tokens(x[0], torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="only 4"):
         ops.scatter_tokens(x, torch.zeros(2, 8, dtype=torch.long), 4)
+
+
+def test_channel_stats_are_copied_to_the_device_once():
+    from fastmam.ops._checks import channel_stats
+
+    a = channel_stats(MEAN, 3, "mean", "cpu")
+    assert a is channel_stats(list(MEAN), 3, "mean", torch.device("cpu"))  # cached: no copy per step
+    assert a.dtype == torch.float32 and torch.equal(a, torch.tensor(MEAN))
+    assert torch.equal(channel_stats(torch.tensor(STD, dtype=torch.float64), 3, "std", "cpu"), torch.tensor(STD))
+    with pytest.raises(ValueError, match="std must have one value per channel \\(3\\), got 2"):
+        channel_stats((0.1, 0.2), 3, "std", "cpu")

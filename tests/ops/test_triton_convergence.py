@@ -36,6 +36,8 @@ def _train(backend: str, steps: int = 20) -> list[float]:
 def test_fused_and_reference_training_match():
     ref, fused = _train("reference"), _train("triton")
     assert ref[-1] < ref[0]
-    # fp32 everywhere: the paths differ by summation order only, and 20 AdamW steps keep that tiny
+    # fp32 everywhere: the paths differ by summation order only (a few ulps per step), and each AdamW
+    # update can carry that forward, so the bound grows with the number of updates behind a loss
+    eps = torch.finfo(torch.float32).eps
     for step, (r, f) in enumerate(zip(ref, fused, strict=True)):
-        assert abs(r - f) <= 1e-4 * abs(r), f"step {step}: reference {r} fused {f}"
+        assert abs(r - f) <= (step + 1) * 16 * eps * abs(r), f"step {step}: reference {r} fused {f}"
