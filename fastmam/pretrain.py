@@ -42,6 +42,7 @@ from fastmam.config import (  # noqa: E402
     peak_lr,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
+from fastmam.data.health import BadDataError, DataHealth  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
 from fastmam.optim import build_optimizer  # noqa: E402
@@ -117,8 +118,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     accum = cfg.deepspeed.gradient_accumulation_steps
     dataset = build_dataset(cfg)
     loader = build_loader(cfg, dataset, dist.rank, dist.world_size, step * accum, total * accum,
-                          pin_memory=cfg.data.pin_memory and dist.device.type == "cuda")
+                          pin_memory=cfg.data.pin_memory and dist.device.type == "cuda", device=dist.device)
     batches = iter(loader)
+    # bad videos: replaced by the loader, logged once here, counted, fatal only past data.max_bad_fraction
+    health = DataHealth(len(dataset), cfg.data.max_bad_fraction, log=lambda m: print(f"fastmam[rank {dist.rank}]: {m}",
+                        flush=True), record=run_dir / f"bad_videos.rank{dist.rank}.tsv")
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard, start_step=step)
     progress = None
     if dist.is_main and cfg.logging.progress_bar:
@@ -135,9 +139,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     while step < total:
         for micro in range(accum):
             batch = next(batches)
+            health.update(batch.get("bad"))
             clip = batch["video"].to(dist.device, non_blocking=True)
+            next_clip = batch["next_video"].to(dist.device, non_blocking=True) if "next_video" in batch else None
             noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
-            out = engine(clip, noise)
+            out = engine(clip, noise, next_clip)
             engine.backward(out.total)
             engine.step()  # DeepSpeed applies the optimizer and lr schedule at the accumulation boundary
             sums += torch.stack([t.detach().float() for t in out])
@@ -157,6 +163,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
                 "loss": values[0], "loss_appearance": values[1], "loss_motion": values[2],
                 "lr": engine.get_lr()[0], "clips_per_s": clips_since_log * dist.world_size / max(elapsed, 1e-9),
             }
+            if cfg.data.source == "video":
+                last.update(health.metrics())  # this rank's count
             metrics.log(step, last)
             if progress is not None:
                 progress.update(step - progress.n)
@@ -183,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 2
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except BadDataError as exc:
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

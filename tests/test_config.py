@@ -16,11 +16,42 @@ def test_presets_exist():
 def test_preset_loads(name):
     cfg = load_config(name)
     assert cfg.num_tokens > 0
-    if name != "tiny":
+    if not name.startswith("tiny"):
         # the VideoMAE / MAM2 recipe: 16x224, tubelet 2, patch 16, 90% tube masking, AdamW 0.9/0.95, 1.5e-4 / 256
         assert (cfg.data.num_frames, cfg.data.img_size, cfg.model.tubelet, cfg.model.patch) == (16, 224, 2, 16)
         assert (cfg.masking.kind, cfg.masking.ratio) == ("tube", 0.9)
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.base_lr == 1.5e-4 and cfg.optim.weight_decay == 0.05
+
+
+def test_dataset_presets_layer_over_their_base():
+    b, k400, ssv2 = load_config("vit_b"), load_config("vit_b_k400"), load_config("vit_b_ssv2")
+    assert k400.model == b.model and k400.optim == b.optim and ssv2.model == b.model
+    assert (k400.data.source, k400.data.backend, k400.data.stride, k400.data.flip) == ("video", "dali", 4, True)
+    assert (ssv2.data.stride, ssv2.data.flip) == (2, False)  # SSv2's labels name directions
+    tv = load_config("tiny_video")
+    assert tv.model == load_config("tiny").model and tv.data.source == "video" and tv.data.backend == "pyav"
+
+
+def test_base_key(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: tiny\nmodel:\n  depth: 3\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel:\n  embed_dim: 64\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.model.patch) == (3, 64, 8)  # child > parent > tiny
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "bad.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match="'base' must name one preset"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_video_data_rules():
+    with pytest.raises(ConfigError, match="needs data.train_list"):
+        build_config({}, ["data.source=video"])
+    with pytest.raises(ConfigError, match="rgb_diff_dense' needs data.source='video'"):
+        build_config({}, ["targets.motion=rgb_diff_dense"])
+    with pytest.raises(ConfigError, match="'data.backend': Input should be 'pyav', 'decord' or 'dali'"):
+        build_config({}, ["data.backend=opencv"])
 
 
 def test_load_by_path_and_overrides(tmp_path):

@@ -4,7 +4,9 @@ A dataset is any map-style ``torch.utils.data.Dataset`` whose items are dicts::
 
     {"video": uint8 tensor (T, H, W, C), "label": int, "index": int}
 
-(optionally ``"next_video"`` of the same shape for the dense RGB-difference target).
+(optionally ``"next_video"`` of the same shape for the dense RGB-difference target). Real-video
+datasets (``fastmam.data.video``) take ``(index, epoch)`` keys so that their random crops and frame
+starts are a pure function of (seed, index, epoch), and report replaced bad files in ``"bad"``.
 
 Data order is a pure function of (seed, micro-step): micro-step ``u`` reads, on rank ``r``, the
 slice ``[(j * world + r) * B, +B)`` of epoch ``u // steps_per_epoch``'s permutation (drawn from
@@ -27,7 +29,7 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yields this rank's index batches for micro-steps ``start .. end - 1`` (deterministic by seed)."""
 
     def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start: int, end: int):
+                 start: int, end: int, with_epoch: bool = False):
         per_step = batch_size * world_size
         if dataset_len < per_step:
             raise ValueError(
@@ -39,17 +41,19 @@ class StepBatchSampler(Sampler[list[int]]):
         self.dataset_len, self.batch_size = dataset_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start, self.end = start, end
+        self.with_epoch = with_epoch  # yield (index, epoch) keys instead of indices
         self.steps_per_epoch = dataset_len // per_step
 
     def __len__(self) -> int:
         return max(0, self.end - self.start)
 
-    def batch_indices(self, micro_step: int, perm: torch.Tensor | None = None) -> list[int]:
+    def batch_indices(self, micro_step: int, perm: torch.Tensor | None = None) -> list:
         epoch, j = divmod(micro_step, self.steps_per_epoch)
         if perm is None:
             perm = self.permutation(epoch)
         first = (j * self.world_size + self.rank) * self.batch_size
-        return perm[first : first + self.batch_size].tolist()
+        indices = perm[first : first + self.batch_size].tolist()
+        return [(i, epoch) for i in indices] if self.with_epoch else indices
 
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -70,20 +74,39 @@ def build_dataset(cfg: Config) -> Dataset:
         from .synthetic import SyntheticShapes
 
         return SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed)
+    if d.source == "video":
+        from .annotations import read_list
+        from .sampling import spec_from_config
+        from .video import VideoDataset
+
+        videos = read_list(d.train_list, d.data_root, d.list_format, d.hmdb51_split)
+        return VideoDataset(videos, spec_from_config(cfg), d.backend, d.decode_threads)
     raise ValueError(f"data.source='{d.source}' has no dataset builder")
 
 
 def build_loader(cfg: Config, dataset: Dataset, rank: int, world_size: int, start_micro_step: int,
-                 end_micro_step: int, pin_memory: bool) -> DataLoader:
-    """DataLoader over micro-steps [start, end) for this rank; batches are dicts of stacked tensors
-    (``video``: (B, T, H, W, C) uint8)."""
-    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, rank, world_size, cfg.seed,
-                               start_micro_step, end_micro_step)
+                 end_micro_step: int, pin_memory: bool, device: torch.device | None = None):
+    """Batches for micro-steps [start, end) on this rank: dicts with ``video`` (B, T, H, W, C) uint8
+    (B = data.batch_size), ``label``, ``index``, ``bad`` (and ``next_video`` for dense motion).
+
+    CPU decoders run in DataLoader workers; ``data.backend: dali`` returns DALI's GPU pipeline,
+    fed by the same sampler and sampling plans."""
+    from .video import VideoDataset, collate_clips
+
+    video = isinstance(dataset, VideoDataset)
+    per_item = cfg.data.repeated_sampling if video else 1
+    sampler = StepBatchSampler(len(dataset), cfg.data.batch_size // per_item, rank, world_size, cfg.seed,
+                               start_micro_step, end_micro_step, with_epoch=video)
+    if video and cfg.data.backend == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(cfg, dataset, sampler, device)
     workers = cfg.data.num_workers
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_clips if video else None,
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if workers > 0 else None,

@@ -163,7 +163,9 @@ class Pretrainer(nn.Module):
         m, tg = cfg.model, cfg.targets
         pixels = m.tubelet * m.patch * m.patch * in_chans
         appearance_dim = pixels if tg.appearance == "pixel" else tg.codebook_size
-        motion_dim = (m.tubelet - 1) * m.patch * m.patch * in_chans if tg.motion == "rgb_diff" else None
+        # consecutive differences: t-1 per tubelet; dense (each frame minus the next raw frame): t
+        motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
+        motion_dim = motion_frames * m.patch * m.patch * in_chans or None
         self.model = MaskedVideoModel(cfg, appearance_dim, motion_dim, in_chans)
         self.tokenizer = build_tokenizer(cfg)
         self.backend = None if cfg.backend == "auto" else cfg.backend
@@ -175,8 +177,11 @@ class Pretrainer(nn.Module):
         s = (self.cfg.data.img_size // self.cfg.model.patch) ** 2
         return (batch, s) if self.cfg.masking.kind == "tube" else (batch, self.cfg.num_tokens)
 
-    def forward(self, clip: torch.Tensor, noise: torch.Tensor) -> ops.LossOutput:
-        """clip: (B, T, H, W, C) uint8; noise: ``noise_shape(B)`` float -> LossOutput (fp32 scalars)."""
+    def forward(self, clip: torch.Tensor, noise: torch.Tensor, next_clip: torch.Tensor | None = None) -> ops.LossOutput:
+        """clip: (B, T, H, W, C) uint8; noise: ``noise_shape(B)`` float -> LossOutput (fp32 scalars).
+
+        next_clip: (B, T, H, W, C) uint8, the raw frame after each frame of ``clip``; required for
+        ``targets.motion: rgb_diff_dense``."""
         cfg, m = self.cfg, self.cfg.model
         d = cfg.data
         expected = (d.num_frames, d.img_size, d.img_size)
@@ -185,6 +190,9 @@ class Pretrainer(nn.Module):
                 f"clip of shape {tuple(clip.shape)} does not match the config: expected (B, {d.num_frames}, "
                 f"{d.img_size}, {d.img_size}, C) uint8 (data.num_frames, data.img_size)"
             )
+        dense = cfg.targets.motion == "rgb_diff_dense"
+        if dense and next_clip is None:
+            raise ValueError("targets.motion='rgb_diff_dense' needs next_clip (the loader's 'next_video')")
         be = self.backend
         vis = ops.tube_mask_gather(clip, noise, cfg.masking.ratio, m.tubelet, m.patch, cfg.data.mean, cfg.data.std,
                                    out_dtype=self.model.patch_embed.weight.dtype, masking=cfg.masking.kind, backend=be)
@@ -199,7 +207,8 @@ class Pretrainer(nn.Module):
             motion_target = None
             if out.motion_pred is not None:
                 motion_target = ops.rgb_diff_target(clip, vis.ids_masked, m.tubelet, m.patch,
-                                                    cfg.targets.normalize_motion, backend=be)
+                                                    cfg.targets.normalize_motion,
+                                                    next_clip=next_clip if dense else None, backend=be)
         head = self.model.appearance_head
         return ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, out.motion_pred,
                                      motion_target, cfg.loss.appearance_weight, cfg.loss.motion_weight, backend=be)

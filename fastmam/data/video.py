@@ -1,0 +1,167 @@
+"""Real-video dataset for the CPU loaders (PyAV, decord), with bad files replaced, never fatal.
+
+An item is keyed by ``(index, epoch)`` (the loader's sampler passes both) and is a pure function of
+(seed, index, epoch): frame indices and crops come from ``sampling``. When a video cannot give its
+frames (missing, zero bytes, not a video, truncated, too short under ``short_videos: skip``), the
+attempt is recorded and the sample is replaced by another video drawn from (seed, index, epoch,
+attempt), so the batch stays full and resumed runs stay exact. Items report in ``"bad"``, as
+``(path, reason)`` pairs, their own file when it failed and replacements newly found bad; the
+training loop (``DataHealth``) logs each file once, counts them in the metrics and stops the run
+past ``data.max_bad_fraction``.
+
+Item: ``{"video": (k, T, S, S, C) uint8, "label": int, "index": int, "bad": [(path, reason)]}``
+with k = ``repeated_sampling`` crops of one decode (``"next_video"`` too for dense motion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import VideoList
+from .decode import BadVideo, decoder
+from .sampling import (
+    CropBox,
+    SamplingSpec,
+    TooShort,
+    apply_crop,
+    next_frame_indices,
+    sample_crop,
+    sample_frame_indices,
+    sample_rng,
+)
+
+#: consecutive failed attempts for one item before the loader gives up (every file tried was bad)
+MAX_ATTEMPTS = 32
+
+
+@dataclass
+class SamplePlan:
+    """What to read for one sample: frames ``indices`` (and ``next_indices`` for dense motion) of
+    ``path``, then one crop per repeated sample."""
+
+    index: int
+    path: str
+    label: int
+    num_video_frames: int
+    indices: np.ndarray
+    next_indices: np.ndarray | None
+    boxes: list[CropBox] | None  # None until the frame size is known (after decoding)
+    rng: np.random.Generator
+
+
+class VideoDataset(Dataset):
+    """Map-style dataset over a ``VideoList``; ``dataset[(index, epoch)]`` (or ``dataset[index]``, epoch 0)."""
+
+    def __init__(self, videos: VideoList, spec: SamplingSpec, backend: str = "pyav", decode_threads: int = 1):
+        self.videos, self.spec, self.backend = videos, spec, backend
+        self.decode_threads = decode_threads
+        self._count, self._decode = decoder(backend) if backend != "dali" else (None, None)
+        self._frames: dict[int, int] = {}  # per process: frame counts probed so far
+        self._bad: dict[str, str] = {}  # per process: files already found bad (skipped at once)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    # ------------------------------------------------------------------ planning (shared with DALI)
+
+    def num_video_frames(self, index: int, count_fn=None) -> int:
+        n = self.videos.num_frames[index] or self._frames.get(index)
+        if n is None:
+            n = (count_fn or self._count)(self.videos.paths[index])
+            self._frames[index] = n
+        return n
+
+    def replacement(self, index: int, epoch: int, attempt: int) -> int:
+        """The video tried at ``attempt`` for sample ``index``: attempt 0 is the video itself, then distinct
+        other videos in an order drawn from (seed, index, epoch) -- the same in every process."""
+        n = len(self.videos)
+        if attempt == 0 or n == 1:
+            return index
+        rng = np.random.default_rng([self.spec.seed, index, epoch, 1 << 20])
+        seen, vid, a = {index}, index, 0
+        while a < attempt:
+            vid = (index + int(rng.integers(1, n))) % n
+            if vid in seen and len(seen) < n:
+                continue
+            seen.add(vid)
+            a += 1
+        return vid
+
+    def plan(self, index: int, epoch: int, attempt: int, count_fn=None) -> SamplePlan:
+        """Frame indices of one attempt; raises ``BadVideo`` / ``TooShort`` for a file that cannot serve."""
+        vid = self.replacement(index, epoch, attempt)
+        path = self.videos.paths[vid]
+        if path in self._bad:
+            raise BadVideo(self._bad[path])
+        n = self.num_video_frames(vid, count_fn)
+        rng = sample_rng(self.spec.seed, index, epoch, attempt)
+        s = self.spec
+        indices = sample_frame_indices(n, s.num_frames, s.stride, rng, s.short_videos)
+        nxt = next_frame_indices(indices, n) if s.dense else None
+        return SamplePlan(vid, path, self.videos.labels[vid], n, indices, nxt, None, rng)
+
+    def crops(self, plan: SamplePlan, height: int, width: int) -> list[CropBox]:
+        return [sample_crop(plan.rng, height, width, self.spec) for _ in range(self.spec.repeated)]
+
+    def remember_bad(self, path: str, reason: str) -> None:
+        self._bad[path] = reason
+
+    # ------------------------------------------------------------------ CPU decoding
+
+    def load(self, plan: SamplePlan) -> dict:
+        """Decode and augment one plan -> item tensors."""
+        wanted = plan.indices if plan.next_indices is None else np.concatenate([plan.indices, plan.next_indices])
+        frames = torch.from_numpy(self._decode(plan.path, wanted, self.decode_threads))
+        plan.boxes = self.crops(plan, frames.shape[1], frames.shape[2])
+        size = self.spec.img_size
+        clips = torch.stack([apply_crop(frames, box, size) for box in plan.boxes])  # (k, F, S, S, C)
+        t = self.spec.num_frames
+        item = {"video": clips[:, :t].contiguous()}
+        if plan.next_indices is not None:
+            item["next_video"] = clips[:, t:].contiguous()
+        return item
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        bad: list[tuple[str, str]] = []
+        for attempt in range(MAX_ATTEMPTS):
+            path = self.videos.paths[self.replacement(index, epoch, attempt)]
+            if attempt and path in self._bad:
+                continue  # a replacement already known bad here: skip it quietly (it would fail the same way)
+            try:
+                plan = self.plan(index, epoch, attempt)
+                item = self.load(plan)
+            except (BadVideo, TooShort) as exc:
+                reason = str(exc)
+                self.remember_bad(path, reason)
+                bad.append((path, reason))
+                continue
+            item.update(label=plan.label, index=plan.index, bad=bad)
+            return item
+        examples = "\n  ".join(f"{p}: {r}" for p, r in bad[:8])
+        raise RuntimeError(
+            f"{MAX_ATTEMPTS} videos in a row could not be read for sample {index}; the list or the files are "
+            f"broken:\n  {examples}\ncheck data.train_list and data.data_root, or rebuild the list with "
+            "`python -m fastmam.data.prepare`"
+        )
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Stack items into a batch; repeated samples (k per item) are flattened into the batch dimension.
+
+    ``video``: (B, T, H, W, C) with B = items x k; ``label`` / ``index``: (B,); ``bad``: all failed
+    attempts of the batch as a list of (path, reason)."""
+    out: dict = {}
+    for key in ("video", "next_video"):
+        if key in items[0]:
+            v = torch.stack([it[key] for it in items])
+            out[key] = v.flatten(0, 1) if v.dim() == 6 else v
+    k = out["video"].shape[0] // len(items)
+    out["label"] = torch.tensor([it["label"] for it in items]).repeat_interleave(k)
+    out["index"] = torch.tensor([it["index"] for it in items]).repeat_interleave(k)
+    out["bad"] = [b for it in items for b in it.get("bad", ())]
+    return out

