@@ -97,7 +97,7 @@ def format_table(rows: list[dict]) -> str:
     cols = ["op", "impl", "pass", "shape", "ms_median", "ms_q20", "ms_q80", "gb_per_s", "pct_copy_bw", "peak_mem_mb",
             "clips_per_s", "frames_per_s"]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)

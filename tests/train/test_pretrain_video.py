@@ -69,3 +69,23 @@ def test_too_many_bad_files_stop_the_run_with_examples(video_list, tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "could not be read, more than data.max_bad_fraction=0.1" in proc.stderr
     assert "gone1.mp4: missing file" in proc.stderr or "gone2.mp4: missing file" in proc.stderr
+
+
+def test_pretrain_with_the_dali_loader(video_list, tmp_path):
+    """data.backend=dali in the DeepSpeed loop; on this CPU machine DALI's CPU decoder reads VP9 transcodes."""
+    pytest.importorskip("nvidia.dali", reason="the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda120")
+    lst, data_root = video_list
+    vp9 = tmp_path / "vp9"
+    vp9_list = tmp_path / "vp9.txt"
+    proc = subprocess.run([sys.executable, "-m", "fastmam.data.prepare", str(data_root), "--out", str(vp9_list),
+                           "--reencode", str(vp9), "--codec", "vp9", "--short-side", "72", "--jobs", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    run_cli([sys.executable, "fastmam/pretrain.py", "--config", "tiny_video", f"data.train_list={vp9_list}",
+             f"data.data_root={vp9}", "data.backend=dali", f"output_dir={run}", "schedule.steps=6",
+             "schedule.warmup_steps=2", "logging.every_steps=3", "checkpoint.every_steps=6", "data.batch_size=2",
+             "data.repeated_sampling=2", *FAST])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["data_bad_videos"] == 0
