@@ -26,11 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args, timeout=600, env_extra=None):
+def run_cli(args, timeout=600, env_extra=None, returncode=0):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env_extra or {})}
-    env.pop("RANK", None)  # a fresh single process, whatever an in-process test set
+    # a fresh single process, whatever an in-process test set: its process group still holds MASTER_PORT
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, (
+    assert proc.returncode == returncode, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     )
     return proc
