@@ -15,7 +15,11 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 #: 'auto' on a CUDA device takes the first of these that the op has
-GPU_PREFERENCE = ("cuda", "triton", "reference")
+GPU_PREFERENCE = ("triton", "cuda", "reference")
+#: per-op order where a GPU benchmark (``bench/throughput.py``, recorded in ``bench/results/``) measured the CUDA
+#: kernel faster than Triton. Empty until such a run exists: the CUDA kernels have not run on a GPU yet, so the
+#: Triton kernels (tested against the references) stay the default and ``backend='cuda'`` opts in.
+MEASURED_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
@@ -49,7 +53,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
     choice = requested_backend(backend)
     if choice == "auto":
         if device.type == "cuda":
-            choice = next(b for b in GPU_PREFERENCE if b in impls)
+            choice = next(b for b in MEASURED_PREFERENCE.get(op, GPU_PREFERENCE) if b in impls)
         else:
             choice = "reference"
     if choice not in impls:
