@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see ../shared/GPU.md): install carried wheels, build nothing else,
-# run every test on the GPU (Triton kernels for real, `gpu`-marked checks included), then the
-# benchmark at ViT-B shapes in bf16. Everything lands in $OUT (logs, JSON rows, PNG).
+# One call on a lent GPU machine (see ../shared/GPU.md): install carried wheels, build the CUDA
+# extension (csrc/ -> fastmam._C, sm_90), run every test on the GPU (Triton and CUDA kernels for real,
+# `gpu`-marked checks and compute-sanitizer included), then the benchmark at ViT-B shapes in bf16.
+# Everything lands in $OUT (logs, JSON rows, PNG).
 #   carry: .whl (pydantic, deepspeed sdist, einops/safetensors/tqdm if missing), e.g. from the repo root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection hjson
@@ -13,10 +14,14 @@ if [ -d .whl ]; then
     DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/* > "$OUT/pip.log" 2>&1
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" > "$OUT/versions.txt" 2>&1
+# the extension, in place (fastmam/_C*.so), for the H100/H200 only: one architecture builds in about a minute
+FASTMAM_CUDA_ARCH=90 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build rc=$?" >> "$OUT/build.log"
 python3 -m pytest -q -x tests/ops tests/models > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
 python3 bench/throughput.py --compile --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
-tail -n 5 "$OUT/pytest_gpu.log" "$OUT/bench.log"
+tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log"
