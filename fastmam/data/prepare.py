@@ -554,7 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     write_list(out, rows)
     _write_text_atomic(out.parent / "classes.txt", "".join(f"{name}\n" for name in classes))
-    print(f"wrote {out} (paths relative to {out_dir or root}) and {out.parent / 'classes.txt'}")
+    base = Path(out_dir or root)
+    print(f"wrote {out} (paths relative to {base}) and {out.parent / 'classes.txt'}")
+    if base.resolve() != out.parent.resolve():
+        # relative paths start at the list's folder unless data.data_root says otherwise
+        print(f"train with: data.train_list={out} data.data_root={base}")
     return 0
 
 

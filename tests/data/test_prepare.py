@@ -94,6 +94,8 @@ def test_list_lines_labels_and_classes(dataset, tmp_path, capsys):
     assert [(rel, label) for rel, label, _ in rows] == GOOD  # sorted by path, labels from sorted class folders
     assert (out.parent / "classes.txt").read_text() == "cats\ndogs\n"
     assert "4 videos written, 3 skipped" in stdout
+    # the list lives outside the scanned folder: the output names the data_root that training needs
+    assert f"train with: data.train_list={out} data.data_root={dataset}" in stdout
 
 
 def test_frame_counts_match_a_full_decode(dataset, tmp_path, capsys):
