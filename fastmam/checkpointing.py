@@ -4,7 +4,9 @@ Layout: ``<run>/checkpoints/step_00001000/`` (DeepSpeed's files plus a ``COMPLET
 ``<run>/checkpoints/latest`` (the tag of the newest complete checkpoint, DeepSpeed's convention).
 A checkpoint counts only once every rank has written it: ``COMPLETE`` and ``latest`` are written
 after a barrier, ``latest`` by an atomic rename. A crash mid-save leaves ``latest`` on the previous
-checkpoint, and pruning never removes the one ``latest`` names.
+checkpoint, and pruning never removes the one ``latest`` names. The folder a crashed save left behind
+is never loaded; it is cleared before its tag is written again, and removed once a later checkpoint is
+complete.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).exists())
 
 
+def incomplete_tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint folders without ``COMPLETE``: saves that crashed (or, on other ranks, are in flight)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not (p / MARKER).exists())
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
     ckpt_dir = Path(ckpt_dir)
@@ -55,6 +65,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     """Collective: every rank calls it. Returns the tag written."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
+    if is_main and (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / MARKER).exists():
+        # what a crashed save of this step left: files of another world size would survive an overwrite
+        shutil.rmtree(ckpt_dir / tag)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()  # every rank's shards are on disk before the checkpoint is declared complete
     if is_main:
@@ -63,6 +77,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             if old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        for debris in incomplete_tags(ckpt_dir):
+            if debris < tag:  # older than a complete checkpoint: no save of it is in flight
+                shutil.rmtree(ckpt_dir / debris, ignore_errors=True)
     barrier()
     return tag
 

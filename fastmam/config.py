@@ -163,9 +163,39 @@ class ScheduleConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
+    """ZeRO stage, precision and offload. ZeRO-1 partitions the optimizer state across ranks, ZeRO-2 also the
+    gradients, ZeRO-3 also the weights; offloading moves the optimizer state (ZeRO >= 1) and the weights
+    (ZeRO-3) to CPU memory, trading step time for GPU memory."""
+
     zero_stage: int = Field(0, ge=0, le=3)
     gradient_accumulation_steps: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    offload_optimizer: bool = Field(False, description="optimizer state and step on the CPU (ZeRO >= 1)")
+    offload_params: bool = Field(False, description="weights in CPU memory between uses (ZeRO-3)")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError(
+                f"deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1 (got {self.zero_stage}): "
+                "the optimizer state is offloaded partition by partition"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {self.zero_stage}): "
+                "only ZeRO-3 partitions the weights"
+            )
+        return self
+
+
+class SafetyConfig(_Section):
+    """What a non-finite loss or gradient does. Such an optimizer step is always skipped on the device (no
+    host sync: the weights stay those of the last good step); at the next log interval ``stop`` ends the run
+    with a message, ``skip`` logs the count (``skipped_steps``) and goes on, ending the run only when
+    more than ``max_consecutive_skips`` steps in a row were skipped."""
+
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = Field(10, ge=1, description="skip: stop after more bad steps than this in a row")
 
 
 class CheckpointConfig(_Section):
@@ -197,6 +227,7 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    safety: SafetyConfig = SafetyConfig()
 
     @model_validator(mode="after")
     def _geometry(self):
@@ -396,17 +427,28 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
     """The DeepSpeed JSON, derived from ``cfg`` only (the optimizer and schedule are ours)."""
     precision = resolve_precision(cfg, device_type)
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage == 3:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
         # gather the full weights into the checkpoint so an exported encoder needs no ZeRO tools
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    pin = device_type == "cuda"  # pinned host buffers speed up the copies to and from a GPU
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    bf16: dict[str, Any] = {"enabled": precision == "bf16"}
+    if precision == "bf16" and _deepspeed_has_bf16_overflow_check():
+        # fastmam.optim.NonFiniteGuard skips non-finite steps on the device; DeepSpeed's own check would read
+        # a flag on the host every step
+        bf16["check_grad_overflow"] = False
+    out = {
         "train_batch_size": global_batch_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": bf16,
         "fp16": {"enabled": False},
         # our AdamW is a torch optimizer; ZeRO wraps it like its own
         "zero_allow_untested_optimizer": True,
@@ -414,6 +456,21 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer:
+        # the offloaded step runs torch's fused AdamW on the CPU partitions (vectorized and multi-threaded), which
+        # keeps one optimizer, and its on-device step skipping, for every configuration
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def _deepspeed_has_bf16_overflow_check() -> bool:
+    """Whether the installed DeepSpeed knows ``bf16.check_grad_overflow`` (newer releases; older ones reject
+    unknown keys)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
 def dump_config(cfg: Config) -> str:

@@ -25,7 +25,6 @@ if os.path.dirname(_here) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -40,12 +39,14 @@ from fastmam.config import (  # noqa: E402
     global_batch_size,
     load_config,
     peak_lr,
+    resolve_precision,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
 from fastmam.data.health import BadDataError, DataHealth  # noqa: E402
+from fastmam.memory import count_parameters, estimate_memory, largest_block_params  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
-from fastmam.optim import build_optimizer  # noqa: E402
+from fastmam.optim import NonFiniteGuard, build_optimizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,17 +97,26 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     log0(dist, f"deepspeed config: {json.dumps(ds_config)}")
-    n_params = sum(p.numel() for p in model.model.parameters())
-    log0(dist, f"{cfg.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s) on {dist.device.type}, "
-               f"global batch {global_batch_size(cfg, dist.world_size)}, peak lr {peak_lr(cfg, dist.world_size):.3g}")
+    counts = count_parameters(model.model)
+    parts = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if k != "total" and v)
+    log0(dist, f"{cfg.name}: {counts['total'] / 1e6:.2f} M parameters ({parts}), {dist.world_size} rank(s) on "
+               f"{dist.device.type}, global batch {global_batch_size(cfg, dist.world_size)}, "
+               f"peak lr {peak_lr(cfg, dist.world_size):.3g}")
+    estimate = estimate_memory(cfg, counts["total"], largest_block_params(model.model), dist.world_size,
+                               dist.device.type)
+    log0(dist, estimate.summary(cfg, dist.world_size, resolve_precision(cfg, dist.device.type), dist.device.type))
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    # a step with a non-finite loss or gradient is skipped on the device; safety.nonfinite decides what follows
+    guard = NonFiniteGuard(optimizer, dist.device)
 
     step = 0
+    skipped_total = 0
     if resume and start_tag is not None:
         client = checkpointing.load(engine, ckpt_dir, start_tag)
         step = int(client["step"])
+        skipped_total = int(client.get("skipped_steps", 0))
         if client.get("global_batch") != global_batch_size(cfg, dist.world_size):
             log0(dist, f"warning: checkpoint was written with global batch {client.get('global_batch')}; "
                        "data order after resume differs from an uninterrupted run")
@@ -130,9 +140,10 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
 
         progress = tqdm(total=cfg.schedule.steps, initial=step, desc=cfg.name, dynamic_ncols=True)
 
-    # running sums stay on the device; read (a host sync) only at log intervals
+    # running sums of the finite micro-steps stay on the device; read (a host sync) only at log intervals
     sums = torch.zeros(3, device=dist.device)
-    count = 0
+    finite = torch.zeros((), device=dist.device)
+    ds_skipped = engine.skipped_steps  # DeepSpeed's own skips (its bf16 path checks gradients itself)
     last = {}
     t_log = time.perf_counter()
     clips_since_log = 0
@@ -144,37 +155,45 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
             next_clip = batch["next_video"].to(dist.device, non_blocking=True) if "next_video" in batch else None
             noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
             out = engine(clip, noise, next_clip)
+            guard.observe(out.total)
             engine.backward(out.total)
             engine.step()  # DeepSpeed applies the optimizer and lr schedule at the accumulation boundary
-            sums += torch.stack([t.detach().float() for t in out])
-            count += 1
+            values = torch.stack([t.detach().float() for t in out])
+            ok = torch.isfinite(values).all()
+            sums += torch.where(ok, values, torch.zeros_like(values))
+            finite += ok
             clips_since_log += clip.shape[0]
         step += 1
+        guard.end_step(step)
 
         if step % cfg.logging.every_steps == 0 or step == total:
-            values = (sums / count).tolist()  # host sync
-            if not all(math.isfinite(v) for v in values):
-                raise FloatingPointError(
-                    f"loss is not finite at step {step} (total, appearance, motion = {values}); "
-                    "lower optim.base_lr or check the data; the last checkpoint is in " + str(ckpt_dir)
-                )
+            good = finite.item()  # host sync
+            values = (sums / max(good, 1)).tolist() if good else [None] * 3
+            skips = guard.read()
+            skips["skipped"] += engine.skipped_steps - ds_skipped
+            ds_skipped = engine.skipped_steps
+            skipped_total += skips["skipped"]
+            if skips["skipped"]:
+                check_nonfinite(cfg, dist, step, skips, ckpt_dir)
             elapsed = time.perf_counter() - t_log
             last = {
                 "loss": values[0], "loss_appearance": values[1], "loss_motion": values[2],
                 "lr": engine.get_lr()[0], "clips_per_s": clips_since_log * dist.world_size / max(elapsed, 1e-9),
+                "skipped_steps": skipped_total,
             }
             if cfg.data.source == "video":
                 last.update(health.metrics())  # this rank's count
             metrics.log(step, last)
             if progress is not None:
                 progress.update(step - progress.n)
-                progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{last['lr']:.2e}")
+                progress.set_postfix(loss="-" if values[0] is None else f"{values[0]:.4f}", lr=f"{last['lr']:.2e}")
             sums.zero_()
-            count, clips_since_log, t_log = 0, 0, time.perf_counter()
+            finite.zero_()
+            clips_since_log, t_log = 0, time.perf_counter()
 
         if step % cfg.checkpoint.every_steps == 0 or step == total:
             client = {"step": step, "global_batch": global_batch_size(cfg, dist.world_size),
-                      "config": cfg.model_dump(mode="json")}
+                      "config": cfg.model_dump(mode="json"), "skipped_steps": skipped_total}
             checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last, dist.is_main)
 
     if progress is not None:
@@ -182,6 +201,29 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     metrics.close()
     log0(dist, f"stopped at step {step}; checkpoints in {ckpt_dir}, metrics in {metrics.path}")
     return {"step": step, "run_dir": str(run_dir), "last": last}
+
+
+def check_nonfinite(cfg: Config, dist: distributed.DistInfo, step: int, skips: dict, ckpt_dir) -> None:
+    """At a log interval where steps were skipped for a non-finite loss or gradient: stop (``safety.nonfinite:
+    stop``, or too many in a row under ``skip``) or say so and go on."""
+    since = step - (step - 1) % cfg.logging.every_steps
+    where = (f"{skips['skipped']} optimizer step(s) since the last log (steps {since}-{step}) had a non-finite loss "
+             "or gradient" + (f", the first at step {skips['first_step']}" if skips["first_step"] is not None else ""))
+    latest = checkpointing.latest_tag(ckpt_dir)
+    resume_from = f"the last checkpoint is {ckpt_dir / latest}" if latest else "no checkpoint was written yet"
+    if cfg.safety.nonfinite == "stop":
+        raise FloatingPointError(
+            f"{where}; they were skipped, so the weights are those of the last finite step, and the run stops "
+            f"(safety.nonfinite=stop). Lower optim.base_lr or check the data and resume with --resume ({resume_from}), "
+            "or set safety.nonfinite=skip to carry on past isolated bad steps"
+        )
+    if skips["longest_run"] > cfg.safety.max_consecutive_skips:
+        raise FloatingPointError(
+            f"{where}; {skips['longest_run']} steps in a row were skipped, more than safety.max_consecutive_skips="
+            f"{cfg.safety.max_consecutive_skips}: training is not recovering. Lower optim.base_lr or check the data "
+            f"and resume with --resume ({resume_from})"
+        )
+    log0(dist, f"warning: {where}; skipped (safety.nonfinite=skip), training goes on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 3
+    except FloatingPointError as exc:
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -107,9 +107,36 @@ def test_deepspeed_json_is_derived():
     ds = deepspeed_config(cfg, world_size=2, device_type="cuda")
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    # our guard skips non-finite steps on the device; DeepSpeed's per-step host check is off where it exists
+    assert ds["bf16"].get("check_grad_overflow", False) is False
     assert deepspeed_config(cfg, 2, "cpu")["bf16"] == {"enabled": False}
+    assert "offload_optimizer" not in ds["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in ds
     json.dumps(ds)  # serializable as the JSON DeepSpeed reads
     assert peak_lr(cfg, 2) == pytest.approx(1.5e-4 * 64 / 256)
     with pytest.raises(ConfigError, match="bf16' needs a CUDA device"):
         deepspeed_config(build_config({}, ["deepspeed.precision=bf16"]), 1, "cpu")
+
+
+def test_offload_json_and_rules():
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg = build_config({}, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                            "deepspeed.offload_params=true"])
+    ds = deepspeed_config(cfg, world_size=1, device_type="cuda")
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # our fused AdamW runs the offloaded step
+    # DeepSpeed's own config models accept what we derive (they reject unknown keys)
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert parsed.stage == 3 and parsed.offload_optimizer.device == "cpu" and parsed.offload_param.device == "cpu"
+    DeepSpeedBF16Config(**ds["bf16"])
+    assert deepspeed_config(cfg, 1, "cpu")["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+    with pytest.raises(ConfigError, match=r"offload_optimizer needs deepspeed.zero_stage >= 1 \(got 0\)"):
+        build_config({}, ["deepspeed.offload_optimizer=true"])
+    with pytest.raises(ConfigError, match=r"offload_params needs deepspeed.zero_stage=3 \(got 2\)"):
+        build_config({}, ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"])
+    with pytest.raises(ConfigError, match="safety.nonfinite"):
+        build_config({}, ["safety.nonfinite=ignore"])
