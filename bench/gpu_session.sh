@@ -24,4 +24,7 @@ python3 -m pytest -q -x tests/ops tests/models > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
 python3 bench/throughput.py --compile --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
-tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log"
+# the largest preset that trains on this card with ZeRO-3 + activation checkpointing (needs deepspeed from .whl)
+python3 bench/fit.py --presets vit_b vit_l vit_h vit_g --timeout 300 --out "$OUT" > "$OUT/fit.log" 2>&1
+echo "fit rc=$?" >> "$OUT/fit.log"
+tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log" "$OUT/fit.log"

@@ -181,6 +181,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
                 "lr": engine.get_lr()[0], "clips_per_s": clips_since_log * dist.world_size / max(elapsed, 1e-9),
                 "skipped_steps": skipped_total,
             }
+            if dist.device.type == "cuda":  # the caching allocator's own counter: no device sync
+                last["peak_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if cfg.data.source == "video":
                 last.update(health.metrics())  # this rank's count
             metrics.log(step, last)
