@@ -111,8 +111,9 @@ def sdpa_kernels(q, k, v) -> list[tuple[str, object]]:
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-        try:
-            fn(q, k, v)
+        try:  # forward and backward: a kernel may take the inputs but not have a backward for them
+            out = fn(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         except RuntimeError as exc:  # this kernel does not take these inputs on this device
             print(f"attention: sdpa kernel {kernel} skipped ({str(exc).splitlines()[0][:100]})")
             continue
