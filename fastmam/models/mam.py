@@ -25,7 +25,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import Config, resolve_precision
-from ..distributed import resolve_device
 from .attention import attention_function
 from .layers import LN_EPS, Block, CrossBlock, init_weights, sinusoid_table
 from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
@@ -75,7 +74,7 @@ class Decoder(nn.Module):
 def configured_attention(cfg: Config):
     """The attention function of ``model.attention``, checked against the device and precision of the run:
     a backend that cannot run there fails when the model is built, with the fix in the message."""
-    device_type = resolve_device(cfg.device).type
+    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     dtype = torch.bfloat16 if device_type == "cuda" and resolve_precision(cfg, device_type) == "bf16" else torch.float32
     return attention_function(cfg.model.attention, device_type, dtype)
 
