@@ -168,7 +168,7 @@ def step_rows(presets, batch: int | None, device: torch.device, dtype: torch.dty
     """Rows for each preset: ours, then the peer matched to it (measured once per distinct peer config),
     with ``vs_peer`` = our clips/s / the peer's clips/s in our row."""
     peaks = {"measured": matmul_peak(device, dtype), "datasheet": datasheet_peak(device)}
-    print(f"step: dense {str(dtype).removeprefix('torch.')} matmul measured at {peaks['measured']:.1f} TFLOP/s; "
+    print(f"step: dense {str(dtype).removeprefix('torch.')} matmul measured at {peaks['measured']:.3g} TFLOP/s; "
           f"datasheet bf16 peak: {peaks['datasheet'] or 'unknown for this device'}")
     if with_peer:
         try:
