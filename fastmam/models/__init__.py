@@ -1,5 +1,6 @@
 """Models: the MAM2 / VideoMAE video ViT (``MaskedVideoModel``), its objective (``Pretrainer``) and tokenizers."""
 
+from .attention import AttentionBackendError, attention_function, attention_reference
 from .layers import Attention, Block, CrossAttention, CrossBlock, sinusoid_table
 from .mam import MaskedVideoModel, ModelOutput, Pretrainer, build_tokenizer
 from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
@@ -7,6 +8,7 @@ from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
 __all__ = [
     "AppearanceTokenizer",
     "Attention",
+    "AttentionBackendError",
     "Block",
     "CrossAttention",
     "CrossBlock",
@@ -14,6 +16,8 @@ __all__ = [
     "ModelOutput",
     "Pretrainer",
     "RandomTokenizer",
+    "attention_function",
+    "attention_reference",
     "build_tokenizer",
     "clip_codes",
     "sinusoid_table",

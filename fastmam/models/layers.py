@@ -1,12 +1,17 @@
 """Transformer layers of the video ViT: pre-norm self-attention blocks (VideoMAE's parameterization)
-and CAE-style cross-attention blocks for the regressor. Attention runs through PyTorch SDPA."""
+and CAE-style cross-attention blocks for the regressor. The attention op itself is a backend function
+(``fastmam.models.attention``: SDPA by default) chosen once, when a layer is built."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import sdpa_attention
 
 LN_EPS = 1e-6
 
@@ -25,11 +30,14 @@ def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with VideoMAE's qkv parameterization (q and v biases, no k bias)."""
+    """Multi-head self-attention with VideoMAE's qkv parameterization (q and v biases, no k bias).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    ``attend``: the attention op, (B, heads, N, head_dim) q, k, v -> out (``attention.attention_function``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attend: Callable = sdpa_attention):
         super().__init__()
         self.num_heads = num_heads
+        self.attend = attend
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -46,16 +54,17 @@ class Attention(nn.Module):
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class CrossAttention(nn.Module):
     """Queries (B, Nq, dim) attend to keys/values (B, Nk, dim)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attend: Callable = sdpa_attention):
         super().__init__()
         self.num_heads = num_heads
+        self.attend = attend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -65,7 +74,7 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).reshape(b, nq, h, d // h).transpose(1, 2)
         k, v = self.kv(context).reshape(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, nq, d))
 
 
@@ -83,10 +92,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 attend: Callable = sdpa_attention):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attend)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -98,11 +108,12 @@ class Block(nn.Module):
 class CrossBlock(nn.Module):
     """CAE regressor block: queries attend to [visible latents, queries] (pre-norm), then an MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 attend: Callable = sdpa_attention):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim, eps=LN_EPS)
         self.norm_kv = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias, attend)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..config import Config
+from ..config import Config, resolve_precision
+from .attention import attention_function
 from .layers import LN_EPS, Block, CrossBlock, init_weights, sinusoid_table
 from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
 
@@ -47,14 +48,14 @@ class Decoder(nn.Module):
     latent per masked token.
     """
 
-    def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, qkv_bias, num_tokens, full_sequence, ckpt):
+    def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, qkv_bias, num_tokens, full_sequence, ckpt, attend):
         super().__init__()
         self.full_sequence = full_sequence
         self.ckpt = ckpt
         self.embed = nn.Linear(in_dim, dim)
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, dim), persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if full_sequence else None
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, attend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,14 @@ class Decoder(nn.Module):
             x = x + F.embedding(ids_masked, pos)
         x = _run_blocks(self.blocks, x, self.ckpt)
         return self.norm(x[:, -num_masked:])
+
+
+def configured_attention(cfg: Config):
+    """The attention function of ``model.attention``, checked against the device and precision of the run:
+    a backend that cannot run there fails when the model is built, with the fix in the message."""
+    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dtype = torch.bfloat16 if device_type == "cuda" and resolve_precision(cfg, device_type) == "bf16" else torch.float32
+    return attention_function(cfg.model.attention, device_type, dtype)
 
 
 class ModelOutput(NamedTuple):
@@ -90,22 +99,25 @@ class MaskedVideoModel(nn.Module):
         self.cfg = m
         self.num_tokens = cfg.num_tokens
         ckpt = m.activation_checkpointing
+        attend = configured_attention(cfg)
         self.patch_embed = nn.Linear(m.tubelet * m.patch * m.patch * in_chans, m.embed_dim)
         self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, m.embed_dim), persistent=False)
-        self.blocks = nn.ModuleList(Block(m.embed_dim, m.num_heads, m.mlp_ratio, m.qkv_bias) for _ in range(m.depth))
+        self.blocks = nn.ModuleList(
+            Block(m.embed_dim, m.num_heads, m.mlp_ratio, m.qkv_bias, attend) for _ in range(m.depth)
+        )
         self.norm = nn.LayerNorm(m.embed_dim, eps=LN_EPS)
 
         self.has_regressor = m.regressor_depth > 0
         if self.has_regressor:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
             self.regressor = nn.ModuleList(
-                CrossBlock(m.embed_dim, m.num_heads, m.mlp_ratio, m.qkv_bias) for _ in range(m.regressor_depth)
+                CrossBlock(m.embed_dim, m.num_heads, m.mlp_ratio, m.qkv_bias, attend) for _ in range(m.regressor_depth)
             )
             self.regressor_norm = nn.LayerNorm(m.embed_dim, eps=LN_EPS)
 
         def decoder():
             return Decoder(m.embed_dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, m.qkv_bias,
-                           self.num_tokens, full_sequence=not self.has_regressor, ckpt=ckpt)
+                           self.num_tokens, full_sequence=not self.has_regressor, ckpt=ckpt, attend=attend)
 
         self.appearance_decoder = decoder()
         self.appearance_head = nn.Linear(m.decoder_dim, appearance_dim)

@@ -1,0 +1,166 @@
+"""Attention backends against the float64 math reference, forward and gradients.
+
+Tolerance (CONVENTIONS): err(backend, ref64) <= 2 * err(reference in the test dtype, ref64) + atol, with
+atol one ulp of the dtype at 1 (outputs are convex combinations of values of unit scale). Every backend
+the machine can run is compared; flash-attn, xformers and the Hopper kernel choice need a GPU.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastmam.config import build_config
+from fastmam.models import AttentionBackendError, Pretrainer, attention_function, attention_reference
+from fastmam.models import attention as attn_mod
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (B, H, Nq, Nk, D): ViT-like self-attention, cross-attention (Nq != Nk, the regressor), B=1 with a prime
+# length and an odd head dim (flash is not eligible: SDPA must fall back), one query
+SHAPES = [(2, 3, 17, 17, 16), (1, 2, 5, 13, 8), (1, 1, 31, 31, 33), (3, 2, 1, 7, 64)]
+
+
+def _inputs(shape, dtype, device, gen):
+    b, h, nq, nk, d = shape
+    q = torch.randn(b, h, nq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, h, nk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, h, nk, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, h, nq, d, generator=gen, dtype=torch.float64)
+    return [t.to(device) for t in (q, k, v, g)]
+
+
+def _run(fn, q, k, v, g, dtype):
+    """Output and (dq, dk, dv) of sum(fn(q, k, v) * g), inputs cast to ``dtype``; results in float64."""
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, g.to(dtype))
+    return [t.detach().double() for t in (out, *grads)]
+
+
+def check_against_reference(fn, shape, dtype, device, gen):
+    q, k, v, g = _inputs(shape, dtype, device, gen)
+    ref64 = _run(attention_reference, q, k, v, g, torch.float64)
+    ref_low = _run(attention_reference, q, k, v, g, dtype)
+    got = _run(fn, q, k, v, g, dtype)
+    atol = torch.finfo(dtype).eps
+    for name, a, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref_low, ref64, strict=True):
+        err, err_ref = (a - r64).abs(), (r - r64).abs()
+        bound = 2 * err_ref.max().item() + atol
+        assert err.max().item() <= bound, (
+            f"{name} {shape} {dtype}: max err {err.max().item():.3g} (mean {err.mean().item():.3g}) > {bound:.3g}; "
+            f"reference in {dtype}: max err {err_ref.max().item():.3g} (mean {err_ref.mean().item():.3g})"
+        )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", attn_mod.available_backends(DEVICE))
+def test_backend_matches_float64_reference(backend, dtype, shape, rng):
+    fn = attention_function(backend, DEVICE, dtype)
+    if backend == "flash_attn" and (dtype == torch.float32 or shape[-1] % 8):
+        pytest.skip("flash-attn: fp16/bf16 and head dims that are multiples of 8 only")
+    check_against_reference(fn, shape, dtype, DEVICE, rng)
+
+
+def test_check_can_fail(rng):
+    """A 1% error in the softmax scale must break the tolerance (the check is not vacuous)."""
+    def off(q, k, v):
+        return attention_reference(q * 1.01, k, v)
+
+    with pytest.raises(AssertionError, match="max err"):
+        check_against_reference(off, SHAPES[0], torch.float32, DEVICE, rng)
+
+
+def test_layers_route_through_the_configured_function(rng):
+    """Every self- and cross-attention of the model calls the function chosen at build time."""
+    small = ["data.num_frames=4", "data.img_size=32", "model.patch=8", "model.embed_dim=32", "model.num_heads=4",
+             "model.depth=2", "model.decoder_dim=16", "model.decoder_heads=2", "masking.ratio=0.75"]
+    p = Pretrainer(build_config({}, small))
+    calls = []
+    for mod in p.modules():
+        if hasattr(mod, "attend"):
+            mod.attend = lambda q, k, v, _calls=calls: _calls.append(q.shape) or F.scaled_dot_product_attention(q, k, v)
+    clip = torch.randint(0, 256, (2, 4, 32, 32, 3), generator=rng, dtype=torch.uint8)
+    p(clip, torch.rand(2, 16, generator=rng))
+    # encoder 2 blocks + regressor 1 cross block + 2 decoders x 2 blocks
+    assert len(calls) == 2 + 2 + 2 * 2, calls
+
+
+def test_missing_or_unusable_backends_fail_at_build_time_with_the_fix(monkeypatch):
+    with pytest.raises(AttentionBackendError, match="runs only on CUDA GPUs.*use model.attention=sdpa"):
+        attention_function("flash_attn", "cpu")
+    with pytest.raises(AttentionBackendError, match="xformers has no cpu kernels"):
+        attention_function("xformers", "cpu")
+    with pytest.raises(AttentionBackendError, match="fp16/bf16 only.*deepspeed.precision=bf16"):
+        attention_function("flash_attn", "cuda", torch.float32)
+    with pytest.raises(AttentionBackendError, match="not a backend; expected one of sdpa, flash_attn, xformers"):
+        attention_function("flex", "cuda")
+    # on a GPU machine without the package: the install command is named
+    real_import = attn_mod.importlib.import_module
+
+    def no_package(name, *args):
+        if name.split(".")[0] in ("flash_attn", "xformers"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(attn_mod.importlib, "import_module", no_package)
+    with pytest.raises(AttentionBackendError, match=r"needs the flash-attn package.*'fastmam\[flash-attn\]'"):
+        attention_function("flash_attn", "cuda", torch.bfloat16)
+    with pytest.raises(AttentionBackendError, match=r"needs the xformers package.*pip install 'fastmam\[xformers\]'"):
+        attention_function("xformers", "cuda", torch.float32)
+
+
+def test_model_build_checks_the_backend():
+    """The check runs when the model is built (before any step), from the config."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the backend may well be usable")
+    cfg = build_config({}, ["model.attention=flash_attn", "model.depth=1"])
+    with pytest.raises(AttentionBackendError, match="runs only on CUDA GPUs"):
+        Pretrainer(cfg)
+    with pytest.raises(Exception, match="'model.attention': Input should be 'sdpa', 'flash_attn' or 'xformers'"):
+        build_config({}, ["model.attention=flex"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optional_backends_on_gpu(backend, dtype, rng):
+    if not importlib.util.find_spec(backend):
+        pytest.skip(f"{backend} is not installed: {attn_mod.INSTALL[backend]}")
+    fn = attention_function(backend, "cuda", dtype)
+    for shape in [(2, 12, 160, 160, 64), (1, 6, 144, 160, 64), (3, 2, 1, 7, 32)]:
+        check_against_reference(fn, shape, dtype, "cuda", rng)
+
+
+def _sdpa_ops(q):
+    """Names of the aten SDPA ops that one forward + backward of our ``sdpa`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        q = q.detach().requires_grad_()
+        attn_mod.sdpa_attention(q, q, q).sum().backward()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_picks_the_flash_kernel_on_gpu(dtype):
+    """bf16/fp16 at ViT-B shapes (12 heads of 64): the flash kernel, also when something else set another
+    priority (recent torch prefers cuDNN on sm90 by default); fp32 and odd head dims fall back cleanly."""
+    q = torch.randn(4, 12, 160, 64, device="cuda", dtype=dtype)
+    assert "aten::_scaled_dot_product_flash_attention" in _sdpa_ops(q)
+    others = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+    if "set_priority" in attn_mod.inspect.signature(sdpa_kernel).parameters:
+        with sdpa_kernel(others, set_priority=True):
+            assert "aten::_scaled_dot_product_flash_attention" in _sdpa_ops(q)
+    fallback = _sdpa_ops(q.float())
+    assert fallback and "aten::_scaled_dot_product_flash_attention" not in fallback
+    assert _sdpa_ops(torch.randn(2, 3, 31, 33, device="cuda", dtype=dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdpa_matches_reference_on_gpu(dtype, rng):
+    fn = attention_function("sdpa", "cuda", dtype)
+    for shape in [*SHAPES, (2, 12, 160, 160, 64)]:
+        check_against_reference(fn, shape, dtype, "cuda", rng)

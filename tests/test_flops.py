@@ -1,0 +1,80 @@
+"""The FLOP formulas of ``fastmam.flops`` against a measurement: ``FlopCounterMode`` counting the matmuls
+that one forward and one backward of a tiny model actually run.
+
+Under SDPA's math path attention is plain matmuls and its backward is exactly two matmuls per forward
+matmul, so forward and backward must agree *exactly* with the formula (no margin)."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastmam import flops, ops
+from fastmam.config import build_config
+from fastmam.models import Pretrainer
+
+SMALL = ["data.num_frames=4", "data.img_size=32", "model.patch=8", "model.embed_dim=32", "model.num_heads=4",
+         "model.depth=2", "model.decoder_dim=16", "model.decoder_heads=2", "masking.ratio=0.75"]
+
+
+def count(fn) -> tuple[int, int]:
+    """(forward, backward) FLOPs that FlopCounterMode sees for ``fn() -> loss`` and its backward."""
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            loss = fn()
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                                                             # MAM2: regressor + 2 decoders
+    ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0", "model.decoder_depth=3"],  # VideoMAE
+    ["targets.appearance=random_codes", "targets.codebook_size=50", "model.regressor_depth=2", "model.mlp_ratio=3"],
+    ["masking.kind=random", "masking.ratio=0.6", "model.tubelet=4", "data.num_frames=8"],
+])
+def test_model_formula_equals_counted_flops(extra, rng):
+    cfg = build_config({}, SMALL + extra)
+    torch.manual_seed(0)
+    p = Pretrainer(cfg)
+    if p.tokenizer is not None:  # the frozen tokenizer is not the model: give codes without counting it
+        p.tokenizer.encode = lambda frames: torch.randint(0, 50, (frames.shape[0], 4, 4), generator=rng)
+    b = 3
+    clip = torch.randint(0, 256, (b, cfg.data.num_frames, 32, 32, 3), dtype=torch.uint8, generator=rng)
+    noise = torch.rand(p.noise_shape(b), generator=rng)
+    fwd, bwd = count(lambda: p(clip, noise).total)
+    f = flops.model_flops(cfg, b)
+    assert (fwd, bwd) == (f.forward, f.backward), f"counted {fwd}, {bwd}; formula {f.forward_parts} -> {f.backward}"
+    assert f.train == f.forward + f.backward
+    n, nv, nm = flops.token_counts(cfg)
+    vis = ops.tube_mask_gather(clip, noise, cfg.masking.ratio, cfg.model.tubelet, cfg.model.patch,
+                               cfg.data.mean, cfg.data.std, masking=cfg.masking.kind)
+    assert (vis.ids_keep.shape[1], vis.ids_masked.shape[1], vis.mask.shape[1]) == (nv, nm, n)
+
+
+def test_vit_b_step_flops_in_the_expected_range():
+    """ViT-B MAM2 at 16x224, 90% masking: the encoder on 160 visible tokens dominates; ~3x forward."""
+    from fastmam.config import load_config
+
+    f = flops.model_flops(load_config("vit_b"), 1)
+    enc = 12 * (24 * 160 * 768**2 + 4 * 160**2 * 768)
+    assert f.forward_parts["encoder"] == enc
+    assert 2.9 < f.train / f.forward < 3.0
+
+
+def test_hf_videomae_formula_equals_counted_flops(rng):
+    transformers = pytest.importorskip("transformers", reason="the peer's formula is checked against transformers")
+    config = transformers.VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, decoder_hidden_size=16, decoder_num_hidden_layers=3,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64, norm_pix_loss=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForPreTraining(config)
+    b = 2
+    pixels = torch.randn(b, 4, 3, 32, 32, generator=rng)
+    mask = ops.tube_masking(torch.rand(b, 16, generator=rng), 0.75, 2).mask
+    fwd, bwd = count(lambda: model(pixels, bool_masked_pos=mask).loss)
+    f = flops.hf_videomae_flops(config, b, int(mask[0].sum()))
+    assert (fwd, bwd) == (f.forward, f.backward), f"counted {fwd}, {bwd}; formula {f.forward_parts} -> {f.backward}"
