@@ -20,6 +20,14 @@ from fastmam.models import Pretrainer
 from fastmam.models.layers import Block, CrossBlock
 
 
+@pytest.fixture(autouse=True)
+def stock_linear(monkeypatch):
+    """The measurements need PyTorch's own linear: an in-process ZeRO-3 run (as tests/test_export.py makes)
+    leaves DeepSpeed's memory-efficient linear in its place for the whole process, and that one also keeps
+    the bias for backward."""
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+
+
 def saved_elements(fn, *inputs, params=()) -> float:
     """Elements (fp32: bytes / 4) of the distinct storages autograd saves while ``fn`` runs, weights excluded."""
     weights = {p.untyped_storage().data_ptr() for p in params}
