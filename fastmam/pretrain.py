@@ -142,8 +142,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
             health.update(batch.get("bad"))
             clip = batch["video"].to(dist.device, non_blocking=True)
             next_clip = batch["next_video"].to(dist.device, non_blocking=True) if "next_video" in batch else None
+            codes = batch["codes"].to(dist.device, non_blocking=True) if "codes" in batch else None  # cached codes
             noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
-            out = engine(clip, noise, next_clip)
+            out = engine(clip, noise, next_clip, codes)
             engine.backward(out.total)
             engine.step()  # DeepSpeed applies the optimizer and lr schedule at the accumulation boundary
             sums += torch.stack([t.detach().float() for t in out])
