@@ -42,9 +42,11 @@ from fastmam.config import (  # noqa: E402
     peak_lr,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
+from fastmam.data.code_cache import CacheError  # noqa: E402
 from fastmam.data.health import BadDataError, DataHealth  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.models.vqgan import CheckpointMismatch, MissingCheckpoint  # noqa: E402
 from fastmam.optim import build_optimizer  # noqa: E402
 
 
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, resume=args.resume)
+    except (MissingCheckpoint, CheckpointMismatch, CacheError) as exc:  # the VQGAN tokenizer's file, the code cache
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 2
     except BadDataError as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 3

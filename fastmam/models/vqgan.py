@@ -240,7 +240,7 @@ class VQGANTokenizer(AppearanceTokenizer):
         mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
                       if k in state and tuple(state[k].shape) != tuple(v.shape)]
         if missing or unexpected or mismatched:
-            raise ValueError(_key_report(source, missing, unexpected, mismatched, state))
+            raise CheckpointMismatch(_key_report(source, missing, unexpected, mismatched, state))
         self.load_state_dict({k: state[k] for k in own}, strict=True)
 
     # ------------------------------------------------------------------ encoding
@@ -280,9 +280,17 @@ class VQGANTokenizer(AppearanceTokenizer):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _missing_checkpoint(what: str) -> FileNotFoundError:
+class MissingCheckpoint(FileNotFoundError):
+    """``targets.vqgan.checkpoint`` is unset or absent; the message says where to download one."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint is unreadable or does not fit ``targets.vqgan``; the message names the keys and the fix."""
+
+
+def _missing_checkpoint(what: str) -> MissingCheckpoint:
     links = "\n".join(f"  {name}: {url} (last.ckpt)" for name, url in VQGAN_DOWNLOADS.items())
-    return FileNotFoundError(
+    return MissingCheckpoint(
         f"{what}. targets.appearance='vqgan' needs a taming-transformers VQGAN checkpoint. The published ImageNet "
         f"f16 models (linked from https://github.com/CompVis/taming-transformers#overview-of-pretrained-models):\n"
         f"{links}\nDownload one and set targets.vqgan.checkpoint=<path to last.ckpt> (the 1024-code model also "
@@ -306,10 +314,10 @@ def read_checkpoint(path: str | Path) -> dict:
         # the weights-only loader refuses; read them with every such object replaced by an inert stand-in
         obj = _restricted_load(path)
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{path} holds neither a taming checkpoint (a dict with a 'state_dict' of tensors) nor a bare state dict"
         )
     return state
@@ -399,4 +407,4 @@ def _restricted_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as exc:  # anything the file could raise: report it as unreadable, never half-loaded
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
