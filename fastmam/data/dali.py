@@ -291,7 +291,9 @@ class DaliLoader:
         if self.spec.dense:
             out["next_video"] = clips[:, t:].contiguous()
         if batch.items[0].codes is not None:  # cached codes, planned with the crops: (items * k, T, S/p, S/p)
-            out["codes"] = torch.cat([it.codes for it in batch.items])
+            codes = torch.cat([it.codes for it in batch.items])
+            # pinned: a copy from pageable memory would make the step's host-to-device copy wait for the stream
+            out["codes"] = codes.pin_memory() if self.gpu else codes
         out["label"] = torch.tensor([it.plan.label for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["index"] = torch.tensor([it.plan.index for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["bad"] = [b for it in batch.items for b in it.bad]

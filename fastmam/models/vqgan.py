@@ -44,6 +44,11 @@ VQGAN_DOWNLOADS = {
     "vqgan_imagenet_f16_16384": "https://heibox.uni-heidelberg.de/d/a7530b09fed84f80a887/",
     "vqgan_imagenet_f16_1024": "https://heibox.uni-heidelberg.de/d/8088892a516d4e3baf92/",
 }
+#: a tiny f8 architecture (targets.vqgan keys) for CPU smoke runs, tests and ``bench/throughput.py --quick``: four
+#: levels (three halvings, f = 8, the tiny presets' patch), 32 channels (GroupNorm's minimum), attention only in the
+#: middle block. No checkpoint of it is published: its weights are random.
+TINY_F8 = {"n_embed": 32, "embed_dim": 8, "z_channels": 8, "ch": 32, "ch_mult": (1, 1, 1, 1), "num_res_blocks": 1,
+           "attn_resolutions": (), "resolution": 64}
 #: parts of a taming VQModel checkpoint that encoding does not use (dropped knowingly, by prefix)
 UNUSED_PREFIXES = ("decoder.", "post_quant_conv.", "loss.")
 #: rows of the (rows x n_embed) fp32 distance matrix per step: 4096 x 16384 x 4 B = 256 MiB at most

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 
@@ -220,3 +221,20 @@ def test_bf16_encoder_on_gpu_with_fp32_distances():
     fp32.load_state_dict(tok.state_dict())
     agree = (fp32.encode(frames) == codes).float().mean().item()
     assert agree > 0.9, f"bf16 and fp32 codes agree on {agree:.1%} of cells"
+
+
+@pytest.mark.gpu
+def test_pretrainer_on_gpu_in_bf16_keeps_the_tokenizer_fp32():
+    """A bf16 model on CUDA (what DeepSpeed makes of it): the tokenizer follows the clip to the GPU, stays fp32
+    outside the cast, and the code cross-entropy (fused path) is finite."""
+    cfg = build_config({}, ["targets.appearance=vqgan", "model.patch=2", "data.img_size=16", "data.num_frames=4",
+                            "masking.ratio=0.75", "model.embed_dim=32", "model.num_heads=4", "model.depth=1",
+                            "model.decoder_dim=16", "model.decoder_heads=2",
+                            *[f"targets.vqgan.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in SMALL.items()]])
+    p = Pretrainer(cfg, tokenizer=small_tokenizer()).cuda().bfloat16()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    clip = torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8, device="cuda", generator=g)
+    out = p(clip, torch.rand(p.noise_shape(2), device="cuda", generator=g))
+    out.total.backward()
+    assert torch.isfinite(out.total) and abs(out.appearance.item() - math.log(SMALL["n_embed"])) < 2
+    assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in p.tokenizer.parameters())
