@@ -161,6 +161,9 @@ class CodeCache:
             )
         return cache
 
+    def __getstate__(self):  # to a spawned loader worker: the index, not the mapped codes
+        return {**self.__dict__, "_codes": None, "_pid": None}
+
     def _memmap(self) -> np.ndarray:
         if self._codes is None or self._pid != os.getpid():  # DataLoader workers each open their own map
             path = self.folder / CODES_FILE
@@ -210,8 +213,10 @@ def _frames_pyav(path: str, chunk: int):
 
     container = _open_pyav(path)
     try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame threads: a whole video is decoded in order
         buf = []
-        for frame in container.decode(container.streams.video[0]):
+        for frame in container.decode(stream):
             buf.append(frame.to_ndarray(format="rgb24"))
             if len(buf) == chunk:
                 yield np.stack(buf)

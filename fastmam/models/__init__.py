@@ -3,6 +3,7 @@
 from .layers import Attention, Block, CrossAttention, CrossBlock, sinusoid_table
 from .mam import MaskedVideoModel, ModelOutput, Pretrainer, build_tokenizer
 from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
+from .vqgan import VQGANTokenizer
 
 __all__ = [
     "AppearanceTokenizer",
@@ -14,6 +15,7 @@ __all__ = [
     "ModelOutput",
     "Pretrainer",
     "RandomTokenizer",
+    "VQGANTokenizer",
     "build_tokenizer",
     "clip_codes",
     "sinusoid_table",

@@ -242,3 +242,15 @@ def test_cached_codes_config_needs_a_matching_cache(videos, tmp_path):
                  "targets.vqgan.n_embed=64")
     with pytest.raises(CacheError, match="holds codes of a 32-code VQGAN on 8-pixel cells; the config trains 64"):
         build_dataset(cfg)
+
+
+def test_cache_travels_to_spawned_workers_without_its_codes(tmp_path):
+    import pickle
+
+    cache = write_synthetic_cache(tmp_path / "c", {"v.mp4": (3, (40, 40), (5, 5))})
+    box = [CropBox(0, 0, 40, 40)]
+    first = cache.clip_codes(str(tmp_path / "c" / "v.mp4"), np.arange(3), box, (40, 40), 40)
+    blob = pickle.dumps(cache)
+    assert len(blob) < 4096  # the index only: the memory map is reopened where it is used
+    assert torch.equal(pickle.loads(blob).clip_codes(str(tmp_path / "c" / "v.mp4"), np.arange(3), box, (40, 40), 40),
+                       first)
