@@ -95,7 +95,7 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["op", "impl", "pass", "shape", "ms_median", "ms_q20", "ms_q80", "gb_per_s", "pct_copy_bw", "peak_mem_mb",
-            "clips_per_s", "frames_per_s", "tflop_per_s", "tokenizer_share"]
+            "clips_per_s", "frames_per_s", "tflops", "tokenizer_share"]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

@@ -221,7 +221,7 @@ def tokenizer_rows(cfg: Config, batch: int, device: torch.device, dtype: torch.d
     precision = "bf16 autocast" if tok._use_bf16(device) else "fp32"
     encode = {"op": "vqgan_encode", "impl": precision, "pass": "fwd",
               "shape": f"{n} frames {d.img_size}x{d.img_size} f{tok.downsample} K{tok.codebook_size}", **timing,
-              "tflop_per_s": flops / (timing["ms_median"] / 1e3) / 1e12, "flops": flops, **env}
+              "tflops": flops / (timing["ms_median"] / 1e3) / 1e12, "flops": flops, **env}
     cached = step_row(cfg, batch, device, dtype, env, tokenizer=tok, cached_codes=True, label=" codes cached")
     online = step_row(cfg, batch, device, dtype, env, tokenizer=tok, label=" codes online")
     online["tokenizer_share"] = encode["ms_median"] / online["ms_median"]

@@ -19,7 +19,7 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
             assert r["gb_per_s"] > 0 and r["pct_copy_bw"] > 0
     # the VQGAN tokenizer's cost: its encode of the batch's code frames, and the step with and without it
     encode = next(r for r in rows if r["op"] == "vqgan_encode")
-    assert encode["shape"] == "8 frames 64x64 f8 K32" and encode["flops"] > 0 and encode["tflop_per_s"] > 0
+    assert encode["shape"] == "8 frames 64x64 f8 K32" and encode["flops"] > 0 and encode["tflops"] > 0
     steps = {r["shape"]: r for r in rows if r["op"] == "train_step"}
     assert set(steps) == {"tiny B2", "tiny B2 codes cached", "tiny B2 codes online"}
     online = steps["tiny B2 codes online"]
