@@ -106,7 +106,8 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["op", "impl", "pass", "shape", "ms_median", "ms_q20", "ms_q80", "gb_per_s", "pct_copy_bw", "tflops",
-            "mfu_measured_pct", "mfu_datasheet_pct", "peak_mem_mb", "clips_per_s", "vs_peer", "frames_per_s"]
+            "mfu_measured_pct", "mfu_datasheet_pct", "peak_mem_mb", "clips_per_s", "vs_peer", "tokenizer_share",
+            "frames_per_s"]
     cols = cols[:4] + [c for c in cols[4:] if any(r.get(c) is not None for r in rows)]  # only what some row has
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]

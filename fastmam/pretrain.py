@@ -42,10 +42,12 @@ from fastmam.config import (  # noqa: E402
     resolve_precision,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
+from fastmam.data.code_cache import CacheError  # noqa: E402
 from fastmam.data.health import BadDataError, DataHealth  # noqa: E402
 from fastmam.memory import count_parameters, estimate_memory, largest_block_params  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.models.vqgan import CheckpointMismatch, MissingCheckpoint  # noqa: E402
 from fastmam.optim import NonFiniteGuard, build_optimizer  # noqa: E402
 
 
@@ -153,8 +155,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
             health.update(batch.get("bad"))
             clip = batch["video"].to(dist.device, non_blocking=True)
             next_clip = batch["next_video"].to(dist.device, non_blocking=True) if "next_video" in batch else None
+            codes = batch["codes"].to(dist.device, non_blocking=True) if "codes" in batch else None  # cached codes
             noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
-            out = engine(clip, noise, next_clip)
+            out = engine(clip, noise, next_clip, codes)
             guard.observe(out.total)
             engine.backward(out.total)
             engine.step()  # DeepSpeed applies the optimizer and lr schedule at the accumulation boundary
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, resume=args.resume)
+    except (MissingCheckpoint, CheckpointMismatch, CacheError) as exc:  # the VQGAN tokenizer's file, the code cache
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 2
     except BadDataError as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 3

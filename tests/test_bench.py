@@ -21,8 +21,15 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
     for r in rows:
         assert r["ms_q20"] <= r["ms_median"] <= r["ms_q80"] and r["ms_median"] > 0
         assert r["device_type"] == "cpu" and r["torch"] and "shape" in r and "commit" in r
-        if r["pass"] == "fwd" and r["op"] != "train_step":
+        if r["pass"] == "fwd" and r["op"] not in ("train_step", "vqgan_encode"):
             assert r["gb_per_s"] > 0 and r["pct_copy_bw"] > 0
+    # the VQGAN tokenizer's cost: its encode of the batch's code frames, and the step with and without it
+    encode = next(r for r in rows if r["op"] == "vqgan_encode")
+    assert encode["shape"] == "8 frames 64x64 f8 K32" and encode["flops"] > 0 and encode["tflops"] > 0
+    steps = {r["shape"]: r for r in rows if r["op"] == "train_step"}
+    assert set(steps) == {"tiny B2", "tiny B2 codes cached", "tiny B2 codes online"}
+    online = steps["tiny B2 codes online"]
+    assert online["tokenizer_share"] == encode["ms_median"] / online["ms_median"] and online["online_over_cached"] > 0
     out = capsys.readouterr().out
     assert "measured copy bandwidth" in out and "tube_mask_gather" in out
     if importlib.util.find_spec("matplotlib"):

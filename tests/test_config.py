@@ -76,6 +76,14 @@ def test_load_by_path_and_overrides(tmp_path):
     (["schedule.warmup_steps=10", "schedule.steps=5"], r"warmup_steps=10 exceeds"),
     (["model.depth"], r"must look like key.sub=value"),
     (["deepspeed.zero_stage=4"], r"less than or equal to 3"),
+    (["targets.appearance=vqgan", "model.patch=8"], r"model.patch=8 but the VQGAN downsamples by 16"),
+    (["targets.appearance=vqgan", "targets.codebook_size=1024"],
+     r"targets.codebook_size=1024 contradicts targets.vqgan.n_embed=16384"),
+    (["targets.appearance=vqgan", "targets.vqgan.ch=48"], r"channels \[48\] .* not multiples of 32"),
+    (["targets.codes=cached"], r"targets.codes='cached' needs targets.appearance='vqgan'"),
+    (["targets.appearance=vqgan", "targets.codes=cached"], r"needs targets.code_cache"),
+    (["targets.appearance=vqgan", "targets.codes=cached", "targets.code_cache=/c"], r"needs data.source='video'"),
+    (["targets.code_frame=last"], r"'targets.code_frame': Input should be 'first', 'middle' or 'all'"),
 ])
 def test_bad_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -140,3 +148,14 @@ def test_offload_json_and_rules():
         build_config({}, ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"])
     with pytest.raises(ConfigError, match="safety.nonfinite"):
         build_config({}, ["safety.nonfinite=ignore"])
+
+
+def test_vqgan_codebook_comes_from_the_tokenizer_config():
+    cfg = build_config({}, ["targets.appearance=vqgan", "targets.vqgan.n_embed=1024"])
+    assert cfg.targets.num_codes == 1024 and cfg.targets.vqgan.downsample == 16
+    assert build_config({}, ["targets.appearance=random_codes", "targets.codebook_size=64"]).targets.num_codes == 64
+    # stating the same number twice is allowed; only a contradiction is an error
+    assert build_config({}, ["targets.appearance=vqgan", "targets.vqgan.n_embed=1024",
+                             "targets.codebook_size=1024"]).targets.num_codes == 1024
+    vq = load_config("vit_b_vqgan")
+    assert vq.targets.appearance == "vqgan" and vq.targets.vqgan.checkpoint.endswith("last.ckpt")

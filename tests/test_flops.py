@@ -32,6 +32,8 @@ def count(fn) -> tuple[int, int]:
     ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0", "model.decoder_depth=3"],  # VideoMAE
     ["targets.appearance=random_codes", "targets.codebook_size=50", "model.regressor_depth=2", "model.mlp_ratio=3"],
     ["masking.kind=random", "masking.ratio=0.6", "model.tubelet=4", "data.num_frames=8"],
+    # a code for every frame of a tubelet: the per-frame projection and the head over Nm * t rows
+    ["targets.appearance=random_codes", "targets.codebook_size=50", "targets.code_frame=all"],
 ])
 def test_model_formula_equals_counted_flops(extra, rng):
     cfg = build_config({}, SMALL + extra)

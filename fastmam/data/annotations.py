@@ -168,6 +168,13 @@ def detect_format(path: Path) -> str:
     return "videomae"
 
 
+def list_root(list_path: str | Path, data_root: str | Path = "") -> Path:
+    """The folder a list's relative paths start from: ``data_root``, else the list's folder (or the list itself
+    when it is a folder, as HMDB51's split folder is)."""
+    path = Path(list_path).expanduser()
+    return Path(data_root).expanduser() if str(data_root) else (path if path.is_dir() else path.parent)
+
+
 def read_list(list_path: str | Path, data_root: str | Path = "", fmt: str = "auto", hmdb51_split: int = 1) -> VideoList:
     """Read an annotation list (see the module docstring for the formats)."""
     path = Path(list_path).expanduser()
@@ -179,7 +186,7 @@ def read_list(list_path: str | Path, data_root: str | Path = "", fmt: str = "aut
     if fmt not in FORMATS:
         raise AnnotationError(f"unknown list format '{fmt}'; expected one of {', '.join(FORMATS)}")
     fmt = detect_format(path) if fmt == "auto" else fmt
-    root = Path(data_root).expanduser() if str(data_root) else (path if path.is_dir() else path.parent)
+    root = list_root(path, data_root)
     if fmt == "hmdb51":
         out = read_hmdb51(path, root, hmdb51_split)
     elif fmt == "ssv2_json":

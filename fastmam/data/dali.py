@@ -79,6 +79,7 @@ class _Item:
     plan: SamplePlan
     frames: np.ndarray  # (T,) or (2T,) int32: the T indices, then the T next indices for dense motion
     encoded: np.ndarray  # (bytes,) uint8: the whole file
+    codes: torch.Tensor | None  # (k, T, S/p, S/p) int32 cached codes through the plan's crops, or None
     bad: list[tuple[str, str]] = field(default_factory=list)  # failed attempts of this key, in order
 
 
@@ -112,6 +113,7 @@ class DaliLoader:
 
     Each batch: ``video`` (B, T, S, S, C) uint8 with B = items x k (the k repeated crops of one decode
     are consecutive, item-major), ``next_video`` of the same shape for dense motion (frames j+1),
+    ``codes`` (B, T, S/p, S/p) int32 CPU tensor with a code cache (``VideoDataset.cached_codes``),
     ``label`` and ``index`` (B,) int64 CPU tensors, ``bad``: the (path, reason) of every failed attempt.
     Videos are CUDA tensors on ``device`` when it is a CUDA device (DALI's buffers, handed over via
     DLPack), CPU tensors otherwise (DALI's CPU pipeline: VP8 / VP9 / MJPEG only).
@@ -186,6 +188,7 @@ class DaliLoader:
                 head = self.probe(path)
                 self._check_codec(path, head.codec)
                 plan.boxes = ds.crops(plan, head.height, head.width)  # exactly once, after plan(): CPU's stream
+                codes = ds.cached_codes(plan, head.height, head.width)
                 try:
                     encoded = np.fromfile(path, dtype=np.uint8)
                 except OSError as exc:
@@ -196,7 +199,7 @@ class DaliLoader:
                 bad.append((path, reason))
                 continue
             wanted = plan.indices if plan.next_indices is None else np.concatenate([plan.indices, plan.next_indices])
-            return _Item(index, epoch, attempt, plan, wanted.astype(np.int32), encoded, bad)
+            return _Item(index, epoch, attempt, plan, wanted.astype(np.int32), encoded, codes, bad)
         examples = "\n  ".join(f"{p}: {r}" for p, r in bad[:8])
         raise RuntimeError(
             f"{MAX_ATTEMPTS} videos in a row could not be read for sample {index}; the list or the files are "
@@ -287,6 +290,10 @@ class DaliLoader:
         out = {"video": clips if not self.spec.dense else clips[:, :t].contiguous()}
         if self.spec.dense:
             out["next_video"] = clips[:, t:].contiguous()
+        if batch.items[0].codes is not None:  # cached codes, planned with the crops: (items * k, T, S/p, S/p)
+            codes = torch.cat([it.codes for it in batch.items])
+            # pinned: a copy from pageable memory would make the step's host-to-device copy wait for the stream
+            out["codes"] = codes.pin_memory() if self.gpu else codes
         out["label"] = torch.tensor([it.plan.label for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["index"] = torch.tensor([it.plan.index for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["bad"] = [b for it in batch.items for b in it.bad]

@@ -80,14 +80,20 @@ def build_dataset(cfg: Config) -> Dataset:
         from .video import VideoDataset
 
         videos = read_list(d.train_list, d.data_root, d.list_format, d.hmdb51_split)
-        return VideoDataset(videos, spec_from_config(cfg), d.backend, d.decode_threads)
+        codes = None
+        if cfg.targets.codes == "cached":
+            from .code_cache import CodeCache
+
+            codes = CodeCache.for_config(cfg)
+        return VideoDataset(videos, spec_from_config(cfg), d.backend, d.decode_threads, codes)
     raise ValueError(f"data.source='{d.source}' has no dataset builder")
 
 
 def build_loader(cfg: Config, dataset: Dataset, rank: int, world_size: int, start_micro_step: int,
                  end_micro_step: int, pin_memory: bool, device: torch.device | None = None):
     """Batches for micro-steps [start, end) on this rank: dicts with ``video`` (B, T, H, W, C) uint8
-    (B = data.batch_size), ``label``, ``index``, ``bad`` (and ``next_video`` for dense motion).
+    (B = data.batch_size), ``label``, ``index``, ``bad`` (and ``next_video`` for dense motion, ``codes``
+    (B, T, H/p, W/p) for cached codes).
 
     CPU decoders run in DataLoader workers; ``data.backend: dali`` returns DALI's GPU pipeline,
     fed by the same sampler and sampling plans."""

@@ -10,7 +10,9 @@ training loop (``DataHealth``) logs each file once, counts them in the metrics a
 past ``data.max_bad_fraction``.
 
 Item: ``{"video": (k, T, S, S, C) uint8, "label": int, "index": int, "bad": [(path, reason)]}``
-with k = ``repeated_sampling`` crops of one decode (``"next_video"`` too for dense motion).
+with k = ``repeated_sampling`` crops of one decode (``"next_video"`` too for dense motion, and
+``"codes"`` (k, T, S/p, S/p) int32 with a code cache: each frame's cached codes seen through the same
+crop and flip, ``code_cache.CodeCache.clip_codes``; a video the cache lacks is replaced as a bad one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import VideoList
+from .code_cache import CodeCache
 from .decode import BadVideo, decoder
 from .sampling import (
     CropBox,
@@ -56,9 +59,11 @@ class SamplePlan:
 class VideoDataset(Dataset):
     """Map-style dataset over a ``VideoList``; ``dataset[(index, epoch)]`` (or ``dataset[index]``, epoch 0)."""
 
-    def __init__(self, videos: VideoList, spec: SamplingSpec, backend: str = "pyav", decode_threads: int = 1):
+    def __init__(self, videos: VideoList, spec: SamplingSpec, backend: str = "pyav", decode_threads: int = 1,
+                 codes: CodeCache | None = None):
         self.videos, self.spec, self.backend = videos, spec, backend
         self.decode_threads = decode_threads
+        self.codes = codes
         # DALI decodes on its own; PyAV still counts frames for planning and re-checks files DALI failed on
         self._count, self._decode = decoder("pyav" if backend == "dali" else backend)
         self._frames: dict[int, int] = {}  # per process: frame counts probed so far
@@ -98,6 +103,8 @@ class VideoDataset(Dataset):
         path = self.videos.paths[vid]
         if path in self._bad:
             raise BadVideo(self._bad[path])
+        if self.codes is not None:
+            self.codes.entry(path)  # a video without cached codes is bad data here, found before decoding
         n = self.num_video_frames(vid, count_fn)
         rng = sample_rng(self.spec.seed, index, epoch, attempt)
         s = self.spec
@@ -107,6 +114,12 @@ class VideoDataset(Dataset):
 
     def crops(self, plan: SamplePlan, height: int, width: int) -> list[CropBox]:
         return [sample_crop(plan.rng, height, width, self.spec) for _ in range(self.spec.repeated)]
+
+    def cached_codes(self, plan: SamplePlan, height: int, width: int) -> torch.Tensor | None:
+        """(k, T, S/p, S/p) int32: the cached codes of the plan's frames through its crops (None without a cache)."""
+        if self.codes is None:
+            return None
+        return self.codes.clip_codes(plan.path, plan.indices, plan.boxes, (height, width), self.spec.img_size)
 
     def remember_bad(self, path: str, reason: str) -> None:
         self._bad[path] = reason
@@ -124,6 +137,9 @@ class VideoDataset(Dataset):
         item = {"video": clips[:, :t].contiguous()}
         if plan.next_indices is not None:
             item["next_video"] = clips[:, t:].contiguous()
+        codes = self.cached_codes(plan, frames.shape[1], frames.shape[2])
+        if codes is not None:
+            item["codes"] = codes
         return item
 
     def __getitem__(self, key) -> dict:
@@ -154,13 +170,13 @@ class VideoDataset(Dataset):
 def collate_clips(items: list[dict]) -> dict:
     """Stack items into a batch; repeated samples (k per item) are flattened into the batch dimension.
 
-    ``video``: (B, T, H, W, C) with B = items x k; ``label`` / ``index``: (B,); ``bad``: all failed
-    attempts of the batch as a list of (path, reason)."""
+    ``video``: (B, T, H, W, C) with B = items x k; ``codes`` (cached codes): (B, T, H/p, W/p);
+    ``label`` / ``index``: (B,); ``bad``: all failed attempts of the batch as a list of (path, reason)."""
     out: dict = {}
-    for key in ("video", "next_video"):
+    for key, dims in (("video", 6), ("next_video", 6), ("codes", 5)):
         if key in items[0]:
             v = torch.stack([it[key] for it in items])
-            out[key] = v.flatten(0, 1) if v.dim() == 6 else v
+            out[key] = v.flatten(0, 1) if v.dim() == dims else v
     k = out["video"].shape[0] // len(items)
     out["label"] = torch.tensor([it["label"] for it in items]).repeat_interleave(k)
     out["index"] = torch.tensor([it["index"] for it in items]).repeat_interleave(k)

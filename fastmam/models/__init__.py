@@ -4,6 +4,7 @@ from .attention import AttentionBackendError, attention_function, attention_refe
 from .layers import Attention, Block, CrossAttention, CrossBlock, sinusoid_table
 from .mam import MaskedVideoModel, ModelOutput, Pretrainer, build_tokenizer
 from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
+from .vqgan import VQGANTokenizer
 
 __all__ = [
     "AppearanceTokenizer",
@@ -16,6 +17,7 @@ __all__ = [
     "ModelOutput",
     "Pretrainer",
     "RandomTokenizer",
+    "VQGANTokenizer",
     "attention_function",
     "attention_reference",
     "build_tokenizer",

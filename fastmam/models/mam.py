@@ -10,6 +10,9 @@ Data flow of one step (DESIGN §4)::
       targets           -> pixels or codes, RGB differences (masked tokens only, from the same clip)
       dual_decoder_loss -> total, appearance, motion
 
+Codes come from the tokenizer inside the step (``targets.codes: online``; a frozen VQGAN, kept out of
+the module tree that DeepSpeed casts, partitions and checkpoints) or with the batch (``cached``).
+
 With ``regressor_depth == 0`` the model is VideoMAE's: no regressor, and each decoder sees the
 visible latents and mask tokens together and predicts the masked ones.
 """
@@ -25,9 +28,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import Config, resolve_precision
+from ..ops.loss import motion_term
 from .attention import attention_function
 from .layers import LN_EPS, Block, CrossBlock, init_weights, sinusoid_table
-from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes
+from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes, code_frames, codes_per_token, token_codes
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ckpt: bool, *extra: torch.Tensor) -> torch.Tensor:
@@ -80,7 +84,8 @@ def configured_attention(cfg: Config):
 
 
 class ModelOutput(NamedTuple):
-    """appearance_hidden: (B, Nm, Da) before the appearance head; motion_pred: (B, Nm, Dm) or None."""
+    """appearance_hidden: (B, Nm, Da) before the appearance head, (B, Nm, t, Da) with one row per code frame
+    (``targets.code_frame: all``); motion_pred: (B, Nm, Dm) or None."""
 
     appearance_hidden: torch.Tensor
     motion_pred: torch.Tensor | None
@@ -91,9 +96,12 @@ class MaskedVideoModel(nn.Module):
 
     The appearance head (``appearance_head``: Da -> appearance_dim) is applied inside the loss so
     that fused backends never materialize the (M x codebook) logits; the motion head is applied here.
+    With ``appearance_rows`` r > 1 (one code per frame of a tubelet), ``appearance_frames`` (Da -> r*Da)
+    turns each masked token's hidden state into r rows, one per frame, that share the head.
     """
 
-    def __init__(self, cfg: Config, appearance_dim: int, motion_dim: int | None, in_chans: int = 3):
+    def __init__(self, cfg: Config, appearance_dim: int, motion_dim: int | None, in_chans: int = 3,
+                 appearance_rows: int = 1):
         super().__init__()
         m = cfg.model
         self.cfg = m
@@ -120,6 +128,8 @@ class MaskedVideoModel(nn.Module):
                            self.num_tokens, full_sequence=not self.has_regressor, ckpt=ckpt, attend=attend)
 
         self.appearance_decoder = decoder()
+        self.appearance_frames = nn.Linear(m.decoder_dim, appearance_rows * m.decoder_dim) if appearance_rows > 1 \
+            else None
         self.appearance_head = nn.Linear(m.decoder_dim, appearance_dim)
         self.motion_decoder = decoder() if motion_dim else None
         self.motion_head = nn.Linear(m.decoder_dim, motion_dim) if motion_dim else None
@@ -148,6 +158,8 @@ class MaskedVideoModel(nn.Module):
 
     def forward_decoders(self, x: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor) -> ModelOutput:
         appearance = self.appearance_decoder(x, ids_keep, ids_masked)
+        if self.appearance_frames is not None:  # (B, Nm, Da) -> (B, Nm, t, Da)
+            appearance = self.appearance_frames(appearance).unflatten(-1, (-1, appearance.shape[-1]))
         motion = None
         if self.motion_decoder is not None:
             motion = self.motion_head(self.motion_decoder(x, ids_keep, ids_masked))
@@ -161,39 +173,99 @@ class MaskedVideoModel(nn.Module):
 
 
 def build_tokenizer(cfg: Config) -> AppearanceTokenizer | None:
-    if cfg.targets.appearance == "random_codes":
-        return RandomTokenizer(cfg.targets.codebook_size, cfg.model.patch, seed=cfg.seed)
+    """The tokenizer that computes codes inside the step: None for pixel targets and for cached codes.
+
+    ``appearance: vqgan`` reads ``targets.vqgan.checkpoint`` (strict; a missing file names where to get one)."""
+    tg = cfg.targets
+    if tg.appearance == "random_codes":
+        return RandomTokenizer(tg.codebook_size, cfg.model.patch, seed=cfg.seed)
+    if tg.appearance == "vqgan" and tg.codes == "online":
+        from .vqgan import VQGANTokenizer
+
+        return VQGANTokenizer.load(tg.vqgan)
+    return None
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
     return None
 
 
 class Pretrainer(nn.Module):
-    """The whole objective: uint8 clip + noise -> ``ops.LossOutput``. This is what DeepSpeed wraps."""
+    """The whole objective: uint8 clip + noise -> ``ops.LossOutput``. This is what DeepSpeed wraps.
 
-    def __init__(self, cfg: Config, in_chans: int = 3):
+    ``tokenizer``: the online code tokenizer; by default ``build_tokenizer(cfg)``. It is not a submodule:
+    frozen weights that come from their own file at every start, so DeepSpeed neither casts them to bf16
+    (the VQGAN keeps an fp32 codebook and uses autocast), nor partitions them (ZeRO-3), nor saves them in
+    its checkpoints. It follows the clip to its device on first use.
+    """
+
+    def __init__(self, cfg: Config, in_chans: int = 3, tokenizer: AppearanceTokenizer | None = None):
         super().__init__()
         self.cfg = cfg
         m, tg = cfg.model, cfg.targets
         pixels = m.tubelet * m.patch * m.patch * in_chans
-        appearance_dim = pixels if tg.appearance == "pixel" else tg.codebook_size
+        self.uses_codes = tg.appearance != "pixel"
+        appearance_dim = tg.num_codes if self.uses_codes else pixels
+        self.codes_per_token = codes_per_token(m.tubelet, tg.code_frame) if self.uses_codes else 1
         # consecutive differences: t-1 per tubelet; dense (each frame minus the next raw frame): t
         motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
         motion_dim = motion_frames * m.patch * m.patch * in_chans or None
-        self.model = MaskedVideoModel(cfg, appearance_dim, motion_dim, in_chans)
-        self.tokenizer = build_tokenizer(cfg)
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)  # first: a missing file fails fast
+        if tokenizer is not None:
+            if not self.uses_codes:
+                raise ValueError("a tokenizer was given but targets.appearance='pixel' trains on pixels")
+            if (tokenizer.codebook_size, tokenizer.downsample) != (appearance_dim, m.patch):
+                raise ValueError(
+                    f"the tokenizer has {tokenizer.codebook_size} codes on {tokenizer.downsample}-pixel cells; the "
+                    f"config expects {appearance_dim} codes (targets) on model.patch={m.patch}-pixel tokens"
+                )
+            tokenizer.requires_grad_(False)
+        object.__setattr__(self, "_tokenizer", tokenizer)  # not registered as a submodule (see the docstring)
+        self.model = MaskedVideoModel(cfg, appearance_dim, motion_dim, in_chans, self.codes_per_token)
         self.backend = None if cfg.backend == "auto" else cfg.backend
-        if self.tokenizer is not None:
-            self.tokenizer.requires_grad_(False)
+
+    @property
+    def tokenizer(self) -> AppearanceTokenizer | None:
+        return self._tokenizer
 
     def noise_shape(self, batch: int) -> tuple[int, int]:
         """Shape of the masking noise: (B, S) for tube masking, (B, N) for per-token masking."""
         s = (self.cfg.data.img_size // self.cfg.model.patch) ** 2
         return (batch, s) if self.cfg.masking.kind == "tube" else (batch, self.cfg.num_tokens)
 
-    def forward(self, clip: torch.Tensor, noise: torch.Tensor, next_clip: torch.Tensor | None = None) -> ops.LossOutput:
+    def appearance_codes(self, clip: torch.Tensor, ids_masked: torch.Tensor,
+                         frame_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Code targets of the masked tokens: (B, Nm) int64, or (B, Nm, t) for ``code_frame: all``.
+
+        frame_codes: (B, T, H/p, W/p) integer codes of every clip frame from the loader (cached codes); None:
+        the tokenizer encodes the code frames of ``clip`` (B, T, H, W, C) uint8."""
+        m, frame = self.cfg.model, self.cfg.targets.code_frame
+        if frame_codes is not None:
+            b, t, h, w = clip.shape[:4]
+            if tuple(frame_codes.shape) != (b, t, h // m.patch, w // m.patch):
+                raise ValueError(f"codes of shape {tuple(frame_codes.shape)} do not match the clip: expected "
+                                 f"(B, T, H/p, W/p) = {(b, t, h // m.patch, w // m.patch)}")
+            codes = token_codes(frame_codes[:, code_frames(t, m.tubelet, frame)], m.tubelet, frame)
+        elif self._tokenizer is not None:
+            tok = self._tokenizer
+            if _device_of(tok) != clip.device:
+                tok.to(clip.device)  # once: the first step on this device
+            codes = clip_codes(tok, clip, m.tubelet, frame)
+        else:
+            raise ValueError("targets.codes='cached' needs the batch's codes (the loader's 'codes'); none were given")
+        k = self.codes_per_token
+        index = ids_masked if k == 1 else ids_masked.unsqueeze(-1).expand(-1, -1, k)
+        return torch.gather(codes, 1, index).long()
+
+    def forward(self, clip: torch.Tensor, noise: torch.Tensor, next_clip: torch.Tensor | None = None,
+                codes: torch.Tensor | None = None) -> ops.LossOutput:
         """clip: (B, T, H, W, C) uint8; noise: ``noise_shape(B)`` float -> LossOutput (fp32 scalars).
 
         next_clip: (B, T, H, W, C) uint8, the raw frame after each frame of ``clip``; required for
-        ``targets.motion: rgb_diff_dense``."""
+        ``targets.motion: rgb_diff_dense``. codes: (B, T, H/p, W/p) integer, the loader's cached codes of
+        every frame (``targets.codes: cached``)."""
         cfg, m = self.cfg, self.cfg.model
         d = cfg.data
         expected = (d.num_frames, d.img_size, d.img_size)
@@ -210,17 +282,24 @@ class Pretrainer(nn.Module):
                                    out_dtype=self.model.patch_embed.weight.dtype, masking=cfg.masking.kind, backend=be)
         out = self.model(vis.patches, vis.ids_keep, vis.ids_masked)
         with torch.no_grad():
-            if self.tokenizer is None:
+            if self.uses_codes:
+                target = self.appearance_codes(clip, vis.ids_masked, codes)
+            else:
                 target = ops.pixel_target(clip, vis.ids_masked, m.tubelet, m.patch, cfg.targets.normalize_pixels,
                                           backend=be)
-            else:
-                codes = clip_codes(self.tokenizer, clip, m.tubelet, cfg.targets.code_frame)
-                target = torch.gather(codes, 1, vis.ids_masked)
             motion_target = None
             if out.motion_pred is not None:
                 motion_target = ops.rgb_diff_target(clip, vis.ids_masked, m.tubelet, m.patch,
                                                     cfg.targets.normalize_motion,
                                                     next_clip=next_clip if dense else None, backend=be)
         head = self.model.appearance_head
-        return ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, out.motion_pred,
-                                     motion_target, cfg.loss.appearance_weight, cfg.loss.motion_weight, backend=be)
+        wa, wm = cfg.loss.appearance_weight, cfg.loss.motion_weight
+        if self.codes_per_token == 1:
+            return ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, out.motion_pred,
+                                         motion_target, wa, wm, backend=be)
+        # code_frame 'all': t appearance rows per masked token (B*Nm*t rows through the same fused head + CE) but
+        # one motion row per token; the motion term is the one dual_decoder_loss computes, over the B*Nm tokens
+        appearance = ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, backend=be).appearance
+        tokens = vis.ids_masked.numel()
+        motion = motion_term(out.motion_pred, motion_target, tokens, None, appearance)
+        return ops.LossOutput(wa * appearance + wm * motion, appearance, motion)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FRAME_CHOICES = ("first", "middle")
+FRAME_CHOICES = ("first", "middle", "all")
 
 
 class AppearanceTokenizer(nn.Module):
@@ -30,24 +30,53 @@ class AppearanceTokenizer(nn.Module):
 
 def tubelet_frame_index(tubelet: int, frame: str) -> int:
     """Which frame of each tubelet gets a code: 'first' -> 0, 'middle' -> tubelet // 2."""
+    if frame not in FRAME_CHOICES[:2]:
+        raise ValueError(f"code frame '{frame}' has no single frame index; expected one of {FRAME_CHOICES[:2]}")
+    return 0 if frame == "first" else tubelet // 2
+
+
+def code_frames(num_frames: int, tubelet: int, frame: str) -> list[int]:
+    """Clip frames that get codes, in order: one per tubelet ('first', 'middle') or every frame ('all')."""
     if frame not in FRAME_CHOICES:
         raise ValueError(f"code frame '{frame}' is not supported; expected one of {FRAME_CHOICES}")
-    return 0 if frame == "first" else tubelet // 2
+    if frame == "all":
+        return list(range(num_frames))
+    return list(range(tubelet_frame_index(tubelet, frame), num_frames, tubelet))
+
+
+def codes_per_token(tubelet: int, frame: str) -> int:
+    """Codes each token is trained on: t for 'all', else 1."""
+    return tubelet if frame == "all" else 1
+
+
+def token_codes(frame_codes: torch.Tensor, tubelet: int, frame: str) -> torch.Tensor:
+    """Codes of the ``code_frames`` of a clip -> codes aligned with tokens, order (time, row, col).
+
+    frame_codes: (B, F, h, w) integer, F = len(code_frames(T, tubelet, frame)). Returns (B, N) for 'first'
+    and 'middle' (token (i, r, c) gets cell (r, c) of frame ``i * t + offset``), and (B, N, t) for 'all'
+    (the codes of the token's t frames, in frame order)."""
+    b, f, h, w = frame_codes.shape
+    k = codes_per_token(tubelet, frame)
+    if f % k:
+        raise ValueError(f"{f} code frames do not split into tubelets of {tubelet} (code_frame '{frame}')")
+    if k == 1:
+        return frame_codes.reshape(b, -1)
+    return frame_codes.view(b, f // k, k, h, w).permute(0, 1, 3, 4, 2).reshape(b, -1, k)
 
 
 @torch.no_grad()
 def clip_codes(tokenizer: AppearanceTokenizer, clip: torch.Tensor, tubelet: int, frame: str = "first") -> torch.Tensor:
-    """Codes aligned with tokens: clip (B, T, H, W, C) uint8 -> (B, N) int64, token order (time, row, col).
+    """Codes aligned with tokens: clip (B, T, H, W, C) uint8 -> (B, N) int64, or (B, N, t) for frame 'all'.
 
-    Token (i, r, c) gets the code of spatial cell (r, c) of frame ``i * tubelet + offset`` where the
-    offset is given by ``frame``.
+    Only the ``code_frames`` are encoded; see ``token_codes`` for the alignment.
     """
     b, t, h, w, c = clip.shape
     if h % tokenizer.downsample or w % tokenizer.downsample:
         raise ValueError(f"frames of {h}x{w} do not tile into the tokenizer's {tokenizer.downsample}-pixel cells")
-    frames = clip[:, tubelet_frame_index(tubelet, frame) :: tubelet]  # (B, T/t, H, W, C)
-    codes = tokenizer.encode(frames.reshape(-1, h, w, c))  # (B*T/t, H/f, W/f)
-    return codes.reshape(b, -1)
+    idx = code_frames(t, tubelet, frame)
+    frames = clip if frame == "all" else clip[:, idx[0] :: tubelet]  # (B, F, H, W, C)
+    codes = tokenizer.encode(frames.reshape(-1, h, w, c))  # (B*F, H/f, W/f)
+    return token_codes(codes.view(b, len(idx), *codes.shape[1:]), tubelet, frame)
 
 
 class RandomTokenizer(AppearanceTokenizer):

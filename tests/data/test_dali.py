@@ -195,6 +195,24 @@ def test_matches_the_pyav_loader(clips):
     assert flips == {False, True}  # both flip branches were compared
 
 
+def test_cached_codes_are_those_of_the_pyav_loader(clips, tmp_path):
+    """DALI plans in Python: its batches carry the same cached codes (same frames, crops and flips) as the CPU path."""
+    from fastmam.data.code_cache import build_cache
+
+    from ..tiny_vqgan import vqgan_overrides, write_taming_checkpoint
+
+    ckpt = tmp_path / "vqgan.ckpt"
+    write_taming_checkpoint(ckpt, make_cfg(clips["list"], *vqgan_overrides()).targets.vqgan)
+    build_cache(make_cfg(clips["list"], *vqgan_overrides(ckpt)), tmp_path / "codes", log=lambda m: None)
+    over = ["data.flip=true", "data.repeated_sampling=2", "data.batch_size=4", *vqgan_overrides(ckpt),
+            "targets.codes=cached", f"targets.code_cache={tmp_path / 'codes'}"]
+    _, loader, got = run_loader(make_cfg(clips["list"], *over), end=3)
+    cpu = build_dataset(make_cfg(clips["list"], *over, "data.backend=pyav"))
+    for step, batch in zip(loader.sampler, got, strict=True):
+        ref = collate_clips([cpu[key] for key in step])
+        assert batch["codes"].shape == (4, 4, 4, 4) and torch.equal(batch["codes"], ref["codes"])
+
+
 def test_repeated_crops_share_one_decode(clips):
     cfg = make_cfg(clips["list"], "data.crop=random_resized", "data.repeated_sampling=2", "data.batch_size=4")
     ds, loader, got = run_loader(cfg, end=2)

@@ -6,6 +6,8 @@ import torch
 
 from fastmam.config import PRESET_DIR, build_config, load_config
 from fastmam.models import Pretrainer, RandomTokenizer, clip_codes, sinusoid_table
+from fastmam.models.tokenizer import code_frames, token_codes
+from fastmam.models.vqgan import VQGANTokenizer
 from tests.conftest import random_clip
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -40,7 +42,9 @@ def test_preset_output_shapes_on_meta(name):
     nv = cfg.num_tokens - nm
     b = 2
     with torch.device("meta"):
-        model = Pretrainer(cfg).model
+        # VQGAN presets name a checkpoint users download: build the tokenizer's architecture alone (meta, no file)
+        tok = VQGANTokenizer.from_config(cfg.targets.vqgan) if cfg.targets.appearance == "vqgan" else None
+        model = Pretrainer(cfg, tokenizer=tok).model
         patches = torch.empty(b, nv, m.tubelet * m.patch * m.patch * 3)
         out = model(patches, torch.zeros(b, nv, dtype=torch.long), torch.zeros(b, nm, dtype=torch.long))
     assert out.appearance_hidden.shape == (b, nm, m.decoder_dim)
@@ -79,6 +83,7 @@ def test_encoder_sees_only_visible_tokens(rng):
     [],                                                             # MAM2: regressor + two decoders
     ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0"],  # VideoMAE baseline
     ["targets.appearance=random_codes", "targets.codebook_size=64"],  # code targets, CE
+    ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"],  # t codes per token
     ["masking.kind=random", "model.activation_checkpointing=true"],
 ])
 def test_forward_backward_all_parameters_get_gradients(extra, rng):
@@ -130,3 +135,39 @@ def test_pretrainer_rejects_clip_that_does_not_match_config(rng):
         p(random_clip((1, 4, 48, 48, 3), rng), torch.rand(1, 16))
     with pytest.raises(TypeError, match="must be uint8"):
         p(random_clip((1, 4, 32, 32, 3), rng, torch.float32), torch.rand(1, 16))
+
+
+def test_token_codes_layout():
+    """Codes whose values encode (frame, row, col) land on the token (frame // t, row, col), in token order."""
+    b, t_frames, h, w, t = 2, 6, 3, 4, 2
+    f, r, c = torch.meshgrid(torch.arange(t_frames), torch.arange(h), torch.arange(w), indexing="ij")
+    every = (100 * f + 10 * r + c).expand(b, -1, -1, -1)  # (B, T, h, w)
+    assert code_frames(t_frames, t, "first") == [0, 2, 4] and code_frames(t_frames, t, "middle") == [1, 3, 5]
+    assert code_frames(t_frames, t, "all") == list(range(6))
+    first = token_codes(every[:, ::2], t, "first")  # (B, N), N = 3 * 3 * 4
+    n = torch.arange(first.shape[1])
+    slice_, row, col = n // (h * w), n % (h * w) // w, n % w
+    assert torch.equal(first[0], 100 * 2 * slice_ + 10 * row + col)
+    both = token_codes(every, t, "all")  # (B, N, t)
+    assert torch.equal(both[0, :, 0], first[0]) and torch.equal(both[0, :, 1], first[0] + 100)
+    with pytest.raises(ValueError, match="do not split into tubelets"):
+        token_codes(every[:, :5], t, "all")
+
+
+@pytest.mark.parametrize("frame", ["first", "middle", "all"])
+def test_cached_codes_give_the_same_loss_as_online_codes(frame, rng):
+    """Codes handed in with the batch (every frame's map, as the code cache delivers them) select the same
+    frames as the online tokenizer: same targets, same loss."""
+    cfg = build_config({}, SMALL + ["targets.appearance=random_codes", "targets.codebook_size=64",
+                                    f"targets.code_frame={frame}"])
+    torch.manual_seed(0)
+    p = Pretrainer(cfg)
+    clip = random_clip((2, 4, 32, 32, 3), rng)
+    noise = torch.rand(p.noise_shape(2), generator=rng)
+    every = p.tokenizer.encode(clip.flatten(0, 1)).view(2, 4, 4, 4).to(torch.int32)  # (B, T, H/p, W/p)
+    online, cached = p(clip, noise), p(clip, noise, codes=every)
+    assert torch.equal(torch.stack(online), torch.stack(cached))
+    vis_masked = torch.arange(4).expand(2, -1)
+    assert p.appearance_codes(clip, vis_masked, every).shape == ((2, 4, 2) if frame == "all" else (2, 4))
+    with pytest.raises(ValueError, match=r"do not match the clip: expected \(B, T, H/p, W/p\)"):
+        p(clip, noise, codes=every[:, :2])

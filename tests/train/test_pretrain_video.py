@@ -85,3 +85,26 @@ def test_pretrain_with_the_dali_loader(video_list, tmp_path):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["data_bad_videos"] == 0
+
+
+def test_pretrain_on_cached_vqgan_codes(video_list, tmp_path):
+    """The code cache tool on the list, then training with targets.codes=cached: no VQGAN runs in the step."""
+    from fastmam.config import load_config
+    from fastmam.data import code_cache
+
+    from ..tiny_vqgan import vqgan_overrides, write_taming_checkpoint
+
+    lst, data_root = video_list
+    ckpt = write_taming_checkpoint(tmp_path / "vqgan.ckpt", load_config("tiny", vqgan_overrides()).targets.vqgan)
+    over = [f"data.train_list={lst}", f"data.data_root={data_root}", *vqgan_overrides(ckpt)]
+    codes = tmp_path / "codes"
+    assert code_cache.main(["--config", "tiny_video", "--out", str(codes), "--device", "cpu", "--short-side", "32",
+                            *over]) == 0
+    run = tmp_path / "run"
+    run_cli([sys.executable, "fastmam/pretrain.py", "--config", "tiny_video", *over, "targets.codes=cached",
+             f"targets.code_cache={codes}", f"output_dir={run}", "schedule.steps=6", "schedule.warmup_steps=2",
+             "logging.every_steps=3", "checkpoint.every_steps=6", "data.batch_size=2", "data.num_workers=1",
+             *[o for o in FAST if "num_workers" not in o]])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["data_bad_videos"] == 0 and 0 < rows[0]["loss_appearance"] < math.log(32) + 1
