@@ -25,19 +25,22 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import Config, resolve_precision
+from .models.tokenizer import codes_per_token
 
 GiB = 2**30
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters per part of a ``MaskedVideoModel``: encoder, regressor, appearance, motion, total."""
+    """Trainable parameters per part of a ``MaskedVideoModel``: encoder, regressor, appearance, motion, other (any
+    module not named here), total."""
     parts = {"encoder": ("patch_embed", "blocks", "norm"), "regressor": ("mask_token", "regressor", "regressor_norm"),
-             "appearance": ("appearance_decoder", "appearance_head"), "motion": ("motion_decoder", "motion_head")}
-    counts = dict.fromkeys(parts, 0)
+             "appearance": ("appearance_decoder", "appearance_frames", "appearance_head"),
+             "motion": ("motion_decoder", "motion_head")}
+    counts = dict.fromkeys((*parts, "other"), 0)
     for name, p in model.named_parameters():
         if p.requires_grad:
             top = name.split(".")[0]
-            counts[next(part for part, names in parts.items() if top in names)] += p.numel()
+            counts[next((part for part, names in parts.items() if top in names), "other")] += p.numel()
     counts["total"] = sum(counts.values())
     return counts
 
@@ -131,14 +134,22 @@ def activation_elements(cfg: Config, batch: int, recompute_peak: bool = True) ->
     one = stack(m.decoder_depth, block_elements(seq, dd, m.decoder_heads, r), seq * dd)
     one += seq * dd + 2 * nm  # the final norm's input (a slice keeps its whole sequence) and statistics
     one += nm * dd  # the head's input (the appearance head's, inside the loss)
+    rows = _appearance_rows(cfg)
+    extra = rows * nm * dd if rows > 1 else 0  # code_frame 'all': the head's input is the per-frame projection's output
     peak = max(peaks) if ckpt and recompute_peak else 0
-    return batch * (one * decoders + total + peak)
+    return batch * (one * decoders + total + peak + extra)
+
+
+def _appearance_rows(cfg: Config) -> int:
+    """Rows of the appearance head per masked token: t codes with ``code_frame: all``, else one."""
+    tg = cfg.targets
+    return codes_per_token(cfg.model.tubelet, tg.code_frame) if tg.appearance != "pixel" else 1
 
 
 def loss_elements(cfg: Config, batch: int, fused: bool) -> float:
-    """Values the dual-decoder loss keeps for backward: the cross-entropy over codes materializes (Nm x K) fp32
-    logits in the reference, and only its gradients (h and the head's weight) in the fused kernel; an MSE
-    keeps one tensor (prediction minus target)."""
+    """Values the dual-decoder loss keeps for backward: the cross-entropy over codes keeps the (Nm x K) fp32
+    log-softmax of the logits in the reference, and only its gradients (h and the head's weight) in the fused
+    kernel; an MSE keeps one tensor (prediction minus target)."""
     m, tg = cfg.model, cfg.targets
     _, nm = _token_counts(cfg)
     rows = batch * nm
@@ -146,9 +157,9 @@ def loss_elements(cfg: Config, batch: int, fused: bool) -> float:
     if tg.appearance == "pixel":
         total = rows * pv
     elif fused:
-        total = rows * m.decoder_dim + tg.codebook_size * (m.decoder_dim + 1)
+        total = rows * _appearance_rows(cfg) * m.decoder_dim + tg.num_codes * (m.decoder_dim + 1)
     else:
-        total = 2 * rows * tg.codebook_size  # the logits and their log-softmax
+        total = rows * _appearance_rows(cfg) * tg.num_codes  # the log-softmax of the logits
     motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
     return total + rows * motion_frames * m.patch * m.patch * 3
 

@@ -17,7 +17,7 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
     # attention: the reference and every backend this machine has (sdpa on CPU), TFLOP/s from the formula
     assert {r["impl"] for r in rows if r["op"] == "attention"} == {"reference", "sdpa"}
     assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
-    check_step_rows([r for r in rows if r["op"] == "train_step"], "tiny")
+    check_step_rows([r for r in rows if r["op"] == "train_step" and "codes" not in r["shape"]], "tiny")
     for r in rows:
         assert r["ms_q20"] <= r["ms_median"] <= r["ms_q80"] and r["ms_median"] > 0
         assert r["device_type"] == "cpu" and r["torch"] and "shape" in r and "commit" in r
@@ -26,8 +26,8 @@ def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
     # the VQGAN tokenizer's cost: its encode of the batch's code frames, and the step with and without it
     encode = next(r for r in rows if r["op"] == "vqgan_encode")
     assert encode["shape"] == "8 frames 64x64 f8 K32" and encode["flops"] > 0 and encode["tflops"] > 0
-    steps = {r["shape"]: r for r in rows if r["op"] == "train_step"}
-    assert set(steps) == {"tiny B2", "tiny B2 codes cached", "tiny B2 codes online"}
+    steps = {r["shape"]: r for r in rows if r["op"] == "train_step" and "codes" in r["shape"]}
+    assert set(steps) == {"tiny B2 codes cached", "tiny B2 codes online"}
     online = steps["tiny B2 codes online"]
     assert online["tokenizer_share"] == encode["ms_median"] / online["ms_median"] and online["online_over_cached"] > 0
     out = capsys.readouterr().out
@@ -55,8 +55,8 @@ def check_step_rows(rows, preset):
 
 def test_step_mode_presets_and_peer_switch(tmp_path, capsys):
     """--step-presets picks the presets (batch from --step-batch); --no-peer drops the peer rows."""
-    assert main(["--quick", "--no-ops", "--step-presets", "tiny", "--step-batch", "1", "--no-peer",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--no-ops", "--no-tokenizer", "--step-presets", "tiny", "--step-batch", "1",
+                 "--no-peer", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("throughput_cpu_*.json")).read_text())
     assert [(r["op"], r["impl"].split("[")[0], r["shape"].split()[1]) for r in rows] == [
         ("train_step", "fastmam", "B1")]

@@ -63,6 +63,7 @@ def test_block_formulas_equal_what_autograd_saves(tokens, dim, heads, ratio):
     ["targets.motion=none", "loss.motion_weight=0", "masking.ratio=0.5"],
     ["masking.kind=random", "model.decoder_depth=2", "model.depth=3"],
     ["targets.appearance=random_codes", "targets.codebook_size=64"],
+    ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"],
     ["model.activation_checkpointing=true"],
 ])
 def test_activation_estimate_matches_a_measured_forward(overrides, rng):
@@ -75,8 +76,9 @@ def test_activation_estimate_matches_a_measured_forward(overrides, rng):
     # checkpointed blocks save only their inputs in forward; one block's full set returns during its recompute
     measured = saved_elements(model, clip, noise, params=list(model.parameters()))
     estimate = activation_elements(cfg, b, recompute_peak=False) + loss_elements(cfg, b, fused=False)
-    # the rest: int64 ids and masks (not fp32, not counted) and a few per-token scalars of the loss
-    assert abs(measured - estimate) <= 0.01 * measured, f"measured {measured:.0f}, estimate {estimate:.0f}"
+    # exact but for scalars the loss keeps (int64 ids and masks are not fp32 and not counted): a 1% margin once
+    # hid a whole (Nm x K) tensor counted twice
+    assert abs(measured - estimate) <= 8, f"measured {measured:.0f}, estimate {estimate:.0f}"
 
 
 def test_parameter_counts_and_model_states():
