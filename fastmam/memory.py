@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import Config, resolve_precision
+from .flops import token_counts
 from .models.tokenizer import codes_per_token
 
 GiB = 2**30
@@ -90,23 +91,12 @@ class MemoryEstimate:
         return line
 
 
-def _token_counts(cfg: Config) -> tuple[int, int]:
-    """(visible, hidden) tokens per clip under the configured masking."""
-    positions = (cfg.data.img_size // cfg.model.patch) ** 2
-    n = cfg.num_tokens
-    if cfg.masking.kind == "tube":
-        hidden = (n // positions) * int(cfg.masking.ratio * positions)
-    else:
-        hidden = int(cfg.masking.ratio * n)
-    return n - hidden, hidden
-
-
 def activation_elements(cfg: Config, batch: int, recompute_peak: bool = True) -> float:
     """Values the model's forward keeps for backward for ``batch`` clips (the objective's targets and loss
     excluded: ``loss_elements``). With activation checkpointing, ``recompute_peak`` adds the full set of the
     largest block being recomputed in backward (the forward alone does not hold it)."""
     m = cfg.model
-    nv, nm = _token_counts(cfg)
+    _, nv, nm = token_counts(cfg)
     ckpt = m.activation_checkpointing
     d, r = m.embed_dim, m.mlp_ratio
     pv = m.tubelet * m.patch * m.patch * 3
@@ -151,7 +141,7 @@ def loss_elements(cfg: Config, batch: int, fused: bool) -> float:
     log-softmax of the logits in the reference, and only its gradients (h and the head's weight) in the fused
     kernel; an MSE keeps one tensor (prediction minus target)."""
     m, tg = cfg.model, cfg.targets
-    _, nm = _token_counts(cfg)
+    _, _, nm = token_counts(cfg)
     rows = batch * nm
     pv = m.tubelet * m.patch * m.patch * 3
     if tg.appearance == "pixel":

@@ -170,8 +170,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
         guard.end_step(step)
 
         if step % cfg.logging.every_steps == 0 or step == total:
-            good = finite.item()  # host sync
-            values = (sums / max(good, 1)).tolist() if good else [None] * 3
+            *totals, good = torch.cat([sums, finite.view(1)]).tolist()  # host sync
+            values = [v / good for v in totals] if good else [None] * 3
             skips = guard.read()
             skips["skipped"] += engine.skipped_steps - ds_skipped
             ds_skipped = engine.skipped_steps
