@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def rng():
-    """A fresh generator per test; the seed comes from the test's name so failures reproduce."""
-    return torch.Generator().manual_seed(abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % 2**31)
+def rng(request):
+    """A fresh generator per test, seeded from the test's id (CRC-32, stable across processes and runs: Python's
+    ``hash`` of a string is salted per process), so every case draws its own data and a failure reproduces."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def random_clip(shape, generator, dtype=torch.uint8):
