@@ -3,10 +3,10 @@
 Tolerance (CONVENTIONS): err(backend, ref64) <= 2 * err(reference in the test dtype, ref64) + atol, elementwise.
 The reference computes softmax(S) in two passes; fused kernels (PyTorch's SDPA on CPU and GPU, flash-attn,
 xformers) instead keep the row log-sum-exp and recompute P = exp(S - lse) in the backward, with a faster exp.
-That is a different rounding path: atol is its extra error, derived and propagated in ``recompute_allowance``,
-plus the final rounding of each result to the dtype (half an ulp of that element). ``test_check_can_fail``
-shows what the bound still catches. Every backend the machine can run is compared; flash-attn, xformers and
-the Hopper kernel choice need a GPU.
+They also round P and dS to the input dtype for their second matmuls. That is a different rounding path: atol
+is its extra error, derived and propagated in ``recompute_allowance``, plus the final rounding of each result
+to the dtype (half an ulp of that element). ``test_check_can_fail`` shows what the bound still catches. Every
+backend the machine can run is compared; flash-attn, xformers and the Hopper kernel choice need a GPU.
 """
 
 import importlib.util
@@ -51,23 +51,25 @@ U32 = 2.0**-24
 EXP_ULPS = 20
 
 
-def recompute_allowance(q, k, v, g):
-    """Elementwise first-order bound, in float64, on the error a fused kernel adds by recomputing probabilities.
+def recompute_allowance(q, k, v, g, dtype):
+    """Elementwise first-order bound, in float64, on the error a fused kernel adds to the reference's.
 
-    P_ij = exp(S_ij - lse_i) carries a relative error of at most u * (|lse_i| + |S_ij - lse_i|) from rounding
-    lse and the difference, plus the exp's own (EXP_ULPS). With dP the resulting error of P, first order:
-    out = P v gets |dP| |v|; dv = P^T g gets |dP|^T |g|; dS = P * (g v^T - delta) with delta_i = sum_j P_ij
-    (g v^T)_ij gets |dP| |g v^T - delta| + P * (|dP| |g v^T|) summed over j; dq = s dS k and dk = s dS^T q get
+    The kernel recomputes P_ij = exp(S_ij - lse_i): a relative error of at most u * (|lse_i| + |S_ij - lse_i|)
+    from rounding lse and the difference, plus its exp's own (EXP_ULPS). It then rounds P and dS to the input
+    dtype to feed its second matmuls (half an ulp of the dtype, relative). With dP that error of P, first order:
+    out = P v gets |dP| |v|; dv = P^T g gets |dP|^T |g|; dS = P * (g v^T - delta), delta_i = sum_j P_ij (g v^T)_ij,
+    gets |dP| |g v^T - delta| + P * sum_j |dP| |g v^T| + its own rounding; dq = s dS k and dk = s dS^T q get
     s |d(dS)| |k| and s |d(dS)|^T |q|. Returns the bounds for (out, dq, dk, dv).
     """
+    u = torch.finfo(dtype).eps / 2
     s = 1.0 / math.sqrt(q.shape[-1])
     scores = (q * s) @ k.transpose(-2, -1)
     lse = scores.logsumexp(-1, keepdim=True)
     p = (scores - lse).exp()
-    dp = p * U32 * (lse.abs() + (scores - lse).abs() + 2 * EXP_ULPS)
+    dp = p * (U32 * (lse.abs() + (scores - lse).abs() + 2 * EXP_ULPS) + u)
     gv = g @ v.transpose(-2, -1)
     delta = (p * gv).sum(-1, keepdim=True)
-    dds = dp * (gv - delta).abs() + p * (dp * gv.abs()).sum(-1, keepdim=True)
+    dds = dp * (gv - delta).abs() + p * (dp * gv.abs()).sum(-1, keepdim=True) + u * (p * (gv - delta)).abs()
     return dp @ v.abs(), s * dds @ k.abs(), s * dds.transpose(-2, -1) @ q.abs(), dp.transpose(-2, -1) @ g.abs()
 
 
@@ -76,7 +78,7 @@ def check_against_reference(fn, shape, dtype, device, gen):
     ref64 = _run(attention_reference, q, k, v, g, torch.float64)
     ref_low = _run(attention_reference, q, k, v, g, dtype)
     got = _run(fn, q, k, v, g, dtype)
-    allowance = recompute_allowance(q, k, v, g)
+    allowance = recompute_allowance(q, k, v, g, dtype)
     # a kernel rounds each result to the dtype once, at its own element: half an ulp of that element
     u = torch.finfo(dtype).eps / 2
     for name, a, r, r64, extra in zip(("out", "dq", "dk", "dv"), got, ref_low, ref64, allowance, strict=True):
@@ -132,8 +134,8 @@ class _RoundGrad(torch.autograd.Function):
 
 def _faulty(fault):
     def attend(q, k, v):
-        if fault == "scale off by 1%":
-            return attention_reference(q * 1.01, k, v)
+        if fault.startswith("scale off by"):
+            return attention_reference(q * (1 + float(fault.split()[-1].rstrip("%")) / 100), k, v)
         if fault == "tf32 inputs":
             return attention_reference(*(_RoundValue.apply(t) for t in (q, k, v)))
         if fault == "tf32 output":
@@ -145,13 +147,16 @@ def _faulty(fault):
     return attend
 
 
-@pytest.mark.parametrize("fault", ["scale off by 1%", "tf32 inputs", "tf32 output", "tf32 dq", "tf32 dk", "tf32 dv"])
+@pytest.mark.parametrize("fault,dtype", [("scale off by 1%", torch.float32), ("tf32 inputs", torch.float32),
+                                         ("tf32 output", torch.float32), ("tf32 dq", torch.float32),
+                                         ("tf32 dk", torch.float32), ("tf32 dv", torch.float32),
+                                         ("scale off by 5%", torch.bfloat16)])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_check_can_fail(shape, fault, rng):
-    """The fp32 check is not vacuous: a 1% scale error, or TF32 precision (2^-11) in the inputs, the output or any
-    one gradient, breaks the tolerance on every shape."""
+def test_check_can_fail(shape, fault, dtype, rng):
+    """The check is not vacuous. In fp32 a 1% scale error, or TF32 precision (2^-11) in the inputs, the output or
+    any one gradient, breaks it on every shape; in bf16 (itself 2^-8) a 5% scale error does."""
     with pytest.raises(AssertionError, match="max err"):
-        check_against_reference(_faulty(fault), shape, torch.float32, DEVICE, rng)
+        check_against_reference(_faulty(fault), shape, dtype, DEVICE, rng)
 
 
 def test_layers_route_through_the_configured_function(rng):
