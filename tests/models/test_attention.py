@@ -56,21 +56,22 @@ def recompute_allowance(q, k, v, g, dtype):
 
     The kernel recomputes P_ij = exp(S_ij - lse_i): a relative error of at most u * (|lse_i| + |S_ij - lse_i|)
     from rounding lse and the difference, plus its exp's own (EXP_ULPS). It then rounds P and dS to the input
-    dtype to feed its second matmuls (half an ulp of the dtype, relative). With dP that error of P, first order:
-    out = P v gets |dP| |v|; dv = P^T g gets |dP|^T |g|; dS = P * (g v^T - delta), delta_i = sum_j P_ij (g v^T)_ij,
-    gets |dP| |g v^T - delta| + P * sum_j |dP| |g v^T| + its own rounding; dq = s dS k and dk = s dS^T q get
-    s |d(dS)| |k| and s |d(dS)|^T |q|. Returns the bounds for (out, dq, dk, dv).
+    dtype to feed its second matmuls (half an ulp of the dtype, relative). With E_P that error of P, first order:
+    out = P v gets E_P |v|; dv = P^T g gets E_P^T |g|; dS = P * (g v^T - delta), delta_i = sum_j P_ij (g v^T)_ij,
+    gets E_dS = E_P |g v^T - delta| + P * sum_j E_P |g v^T| + its own rounding; dq = s dS k and dk = s dS^T q get
+    s E_dS |k| and s E_dS^T |q|. Returns the bounds for (out, dq, dk, dv).
     """
     u = torch.finfo(dtype).eps / 2
     s = 1.0 / math.sqrt(q.shape[-1])
     scores = (q * s) @ k.transpose(-2, -1)
     lse = scores.logsumexp(-1, keepdim=True)
     p = (scores - lse).exp()
-    dp = p * (U32 * (lse.abs() + (scores - lse).abs() + 2 * EXP_ULPS) + u)
+    err_p = p * (U32 * (lse.abs() + (scores - lse).abs() + 2 * EXP_ULPS) + u)
     gv = g @ v.transpose(-2, -1)
     delta = (p * gv).sum(-1, keepdim=True)
-    dds = dp * (gv - delta).abs() + p * (dp * gv.abs()).sum(-1, keepdim=True) + u * (p * (gv - delta)).abs()
-    return dp @ v.abs(), s * dds @ k.abs(), s * dds.transpose(-2, -1) @ q.abs(), dp.transpose(-2, -1) @ g.abs()
+    err_ds = err_p * (gv - delta).abs() + p * (err_p * gv.abs()).sum(-1, keepdim=True) + u * (p * (gv - delta)).abs()
+    return (err_p @ v.abs(), s * err_ds @ k.abs(), s * err_ds.transpose(-2, -1) @ q.abs(),
+            err_p.transpose(-2, -1) @ g.abs())
 
 
 def check_against_reference(fn, shape, dtype, device, gen):
