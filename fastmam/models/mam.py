@@ -31,7 +31,14 @@ from ..config import Config, resolve_precision
 from ..ops.loss import motion_term
 from .attention import attention_function
 from .layers import LN_EPS, Block, CrossBlock, init_weights, sinusoid_table
-from .tokenizer import AppearanceTokenizer, RandomTokenizer, clip_codes, code_frames, codes_per_token, token_codes
+from .tokenizer import (
+    AppearanceTokenizer,
+    RandomTokenizer,
+    clip_codes,
+    codes_per_token,
+    select_code_frames,
+    token_codes,
+)
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ckpt: bool, *extra: torch.Tensor) -> torch.Tensor:
@@ -247,7 +254,7 @@ class Pretrainer(nn.Module):
             if tuple(frame_codes.shape) != (b, t, h // m.patch, w // m.patch):
                 raise ValueError(f"codes of shape {tuple(frame_codes.shape)} do not match the clip: expected "
                                  f"(B, T, H/p, W/p) = {(b, t, h // m.patch, w // m.patch)}")
-            codes = token_codes(frame_codes[:, code_frames(t, m.tubelet, frame)], m.tubelet, frame)
+            codes = token_codes(select_code_frames(frame_codes, m.tubelet, frame), m.tubelet, frame)
         elif self._tokenizer is not None:
             tok = self._tokenizer
             if _device_of(tok) != clip.device:

@@ -44,6 +44,12 @@ def code_frames(num_frames: int, tubelet: int, frame: str) -> list[int]:
     return list(range(tubelet_frame_index(tubelet, frame), num_frames, tubelet))
 
 
+def select_code_frames(x: torch.Tensor, tubelet: int, frame: str) -> torch.Tensor:
+    """The ``code_frames`` of ``x`` (B, T, ...) along dim 1, as a strided view (no index tensor, no copy)."""
+    idx = code_frames(x.shape[1], tubelet, frame)
+    return x if frame == "all" else x[:, idx[0] :: tubelet]
+
+
 def codes_per_token(tubelet: int, frame: str) -> int:
     """Codes each token is trained on: t for 'all', else 1."""
     return tubelet if frame == "all" else 1
@@ -73,10 +79,9 @@ def clip_codes(tokenizer: AppearanceTokenizer, clip: torch.Tensor, tubelet: int,
     b, t, h, w, c = clip.shape
     if h % tokenizer.downsample or w % tokenizer.downsample:
         raise ValueError(f"frames of {h}x{w} do not tile into the tokenizer's {tokenizer.downsample}-pixel cells")
-    idx = code_frames(t, tubelet, frame)
-    frames = clip if frame == "all" else clip[:, idx[0] :: tubelet]  # (B, F, H, W, C)
+    frames = select_code_frames(clip, tubelet, frame)  # (B, F, H, W, C)
     codes = tokenizer.encode(frames.reshape(-1, h, w, c))  # (B*F, H/f, W/f)
-    return token_codes(codes.view(b, len(idx), *codes.shape[1:]), tubelet, frame)
+    return token_codes(codes.view(b, frames.shape[1], *codes.shape[1:]), tubelet, frame)
 
 
 class RandomTokenizer(AppearanceTokenizer):

@@ -6,7 +6,7 @@ import torch
 
 from fastmam.config import PRESET_DIR, build_config, load_config
 from fastmam.models import Pretrainer, RandomTokenizer, clip_codes, sinusoid_table
-from fastmam.models.tokenizer import code_frames, token_codes
+from fastmam.models.tokenizer import code_frames, select_code_frames, token_codes
 from fastmam.models.vqgan import VQGANTokenizer
 from tests.conftest import random_clip
 
@@ -144,6 +144,8 @@ def test_token_codes_layout():
     every = (100 * f + 10 * r + c).expand(b, -1, -1, -1)  # (B, T, h, w)
     assert code_frames(t_frames, t, "first") == [0, 2, 4] and code_frames(t_frames, t, "middle") == [1, 3, 5]
     assert code_frames(t_frames, t, "all") == list(range(6))
+    for frame in ("first", "middle", "all"):  # the strided view the step uses selects exactly those frames
+        assert torch.equal(select_code_frames(every, t, frame), every[:, code_frames(t_frames, t, frame)]), frame
     first = token_codes(every[:, ::2], t, "first")  # (B, N), N = 3 * 3 * 4
     n = torch.arange(first.shape[1])
     slice_, row, col = n // (h * w), n % (h * w) // w, n % w
