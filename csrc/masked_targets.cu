@@ -3,10 +3,13 @@
 //
 // 1-D grid over the B * M masked tokens (grid-stride, sized to fill the GPU), 256 threads per block;
 // a block produces one token's R * C target values at a time (R = t*p*p rows, or (t-1)*p*p for the
-// in-tubelet difference). Values are in [0, 1] pixel units: uint8 v / 255, a normalized float clip
-// un-normalized as v * std[c] + mean[c]. With `normalize`, per token and channel over its R values:
-//     mean = sum(v) / R,  var = sum((v - mean)^2) / (R - 1),  out = (v - mean) / (sqrt(var) + 1e-6)
-// VideoMAE's formula (unbiased std, epsilon added to the std). The two sums are two passes over the
+// in-tubelet difference). Values are in [0, 1] pixel units: uint8 v / 255 (values and their differences
+// kept as exact integers until that one division), a normalized float clip un-normalized as
+// v * std[c] + mean[c]. With `normalize`, per token and channel over its R values x:
+//     u = x - x[row 0],  mean = sum(u) / R,  var = sum((u - mean)^2) / (R - 1),  out = (u - mean) / (sqrt(var) + 1e-6)
+// VideoMAE's formula (unbiased std, epsilon added to the std; the shift by the first value changes nothing
+// but the rounding: a flat patch gives u = 0 and exactly 0 out, as fastmam.ops.targets.normalize_per_patch).
+// For uint8, u = (v - v[row 0]) / 255 is formed from exact integers. The two sums are two passes over the
 // token's pixels (the second and the write-out hit L1/L2, the token is a few KiB), in fp32, reduced in
 // a fixed order: the result does not depend on scheduling.
 #include <algorithm>
@@ -96,21 +99,26 @@ __global__ void __launch_bounds__(kThreads, device::kBlocksPerSM) masked_target_
   const in_t* __restrict__ clip = static_cast<const in_t*>(p.clip);
   const in_t* __restrict__ next = static_cast<const in_t*>(p.next);
 
-  // One pixel in [0, 1] units, in the reference's order of operations (no fused multiply-add).
+  // One pixel: a uint8 value as an exact integer (divided by 255 once, at the end), a float one in [0, 1]
+  // units, in the reference's order of operations (no fused multiply-add).
   auto pixel = [&](const in_t* src, int64_t offset) -> float {
     const float v = to_float(src[offset]);
     if constexpr (kRawPixels) {
-      return v / 255.0f;
+      return v;
     } else {
       return __fadd_rn(__fmul_rn(v, std_c), mean_c);
     }
   };
+  // The first row's value of this thread's channel (element ch: frame 0, y 0, x 0), the normalization's shift.
+  const int64_t first_offset = ch * p.stride[0][4];
+  constexpr float kScale = kRawPixels ? 255.0f : 1.0f;
 
   for (int64_t token = blockIdx.x; token < p.batch * p.num_ids; token += gridDim.x) {
     const int64_t b = token / p.num_ids;
     const int64_t m = token - b * p.num_ids;
-    const int64_t n = p.ids[b * p.ids_stride[0] + m * p.ids_stride[1]];
-    assert(n >= 0 && n < p.num_tokens);  // ids_masked must index the clip's tokens
+    const int64_t id = p.ids[b * p.ids_stride[0] + m * p.ids_stride[1]];
+    assert(id >= 0 && id < p.num_tokens);  // ids_masked must index the clip's tokens (checked before the launch)
+    const int64_t n = id >= 0 && id < p.num_tokens ? id : 0;  // and never read outside the clip, even in release
     const in_t* src = clip + device::token_origin(p.stride[0], b, n, p.tubelet, p.patch, p.patches_per_row,
                                                   p.positions);
     const in_t* src_next = next + device::token_origin(p.stride[1], b, n, p.tubelet, p.patch, p.patches_per_row,
@@ -145,20 +153,29 @@ __global__ void __launch_bounds__(kThreads, device::kBlocksPerSM) masked_target_
     };
 
     if (!p.normalize) {
-      for_each_value([&](int e, float v) { dst[e] = v; });
+      for_each_value([&](int e, float v) { dst[e] = kRawPixels ? v / kScale : v; });
       continue;
     }
+    float shift;
+    if constexpr (kDense) {
+      shift = pixel(src_next, ch * p.stride[1][4]) - pixel(src, first_offset);
+    } else if (p.kind == TargetKind::kFrameDiff) {
+      shift = pixel(src, first_offset + frame) - pixel(src, first_offset);
+    } else {
+      shift = pixel(src, first_offset);
+    }
+    auto shifted = [&](float v) { return kRawPixels ? (v - shift) / kScale : v - shift; };
     float sum = 0.0f;
-    for_each_value([&](int, float v) { sum += v; });
+    for_each_value([&](int, float v) { sum += shifted(v); });
     const float mean = channel_sum(sum, lanes, channels, red) / static_cast<float>(p.rows);
     float squares = 0.0f;
     for_each_value([&](int, float v) {
-      const float d = v - mean;
+      const float d = shifted(v) - mean;
       squares += d * d;
     });
     const float var = channel_sum(squares, lanes, channels, red) / static_cast<float>(p.rows - 1);
     const float denom = sqrtf(var) + kEps;
-    for_each_value([&](int e, float v) { dst[e] = (v - mean) / denom; });
+    for_each_value([&](int e, float v) { dst[e] = (shifted(v) - mean) / denom; });
   }
 }
 

@@ -17,7 +17,7 @@ import triton.language as tl
 @triton.jit
 def _ce_fwd_grad_kernel(
     logits_ptr,  # (R, K) fp32, row stride stride_r; overwritten with the gradient
-    target_ptr,  # (R,) int64 codes in [0, K)
+    target_ptr,  # (R,) int64 codes in [0, K), or ignore_index (any value outside it): loss 0, gradient 0
     scale_ptr,  # (R,) fp32: d(loss)/d(row loss), i.e. token_weight / sum(weights)
     loss_ptr,  # (R,) fp32 out: per-row cross-entropy
     K, stride_r,
@@ -36,9 +36,11 @@ def _ce_fwd_grad_kernel(
         m = m_new
     lse = m + tl.log(s)
     target = tl.load(target_ptr + row)
-    tl.store(loss_ptr + row, lse - tl.load(base + target))
-    # pass 2: d(loss)/d(x_k) = scale * (softmax_k - [k == target])
-    scale = tl.load(scale_ptr + row)
+    counted = (target >= 0) & (target < K)
+    x_target = tl.load(base + tl.where(counted, target, 0))  # never read outside the row
+    tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+    # pass 2: d(loss)/d(x_k) = scale * (softmax_k - [k == target]); 0 for a row that is not counted
+    scale = tl.where(counted, tl.load(scale_ptr + row), 0.0)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(base + k, mask=k < K, other=0.0)

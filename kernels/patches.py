@@ -16,9 +16,12 @@ from fastmam.ops._checks import channel_stats
 
 
 @triton.jit
-def _token_cell(ids_ptr, pid, WP, HWP):
-    """Token id of program ``pid`` -> (time slice, patch row, patch column), int64."""
+def _token_cell(ids_ptr, pid, WP, HWP, N):
+    """Token id of program ``pid`` -> (time slice, patch row, patch column), int64. The caller's check rejects
+    ids outside [0, N) before the launch; reading token 0 in their place as well means that no program ever
+    reads outside the clip."""
     n = tl.load(ids_ptr + pid).to(tl.int64)
+    n = tl.where((n >= 0) & (n < N), n, 0)
     return n // HWP, (n % HWP) // WP, n % WP
 
 
@@ -29,14 +32,14 @@ def _gather_normalize_fwd_kernel(
     out_ptr,  # (B, K, t*p*p*C) out dtype, contiguous
     mean_ptr,  # (C,) fp32
     std_ptr,  # (C,) fp32
-    K, WP, HWP,  # tokens per sample; patches per row; patches per slice
+    K, WP, HWP, N,  # selected tokens per sample; patches per row; patches per slice; tokens per sample
     s_b, s_t, s_h, s_w, s_c,  # clip strides in (B, T, H, W, C) order
     TUBELET: tl.constexpr, PATCH: tl.constexpr, C: tl.constexpr,
     BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // K
-    i, r, c = _token_cell(ids_ptr, pid, WP, HWP)
+    i, r, c = _token_cell(ids_ptr, pid, WP, HWP, N)
     # element e of the patch vector is (frame f, row y, col x, channel ch), VideoMAE's (p0 p1 p2 c)
     e = tl.arange(0, BLOCK)
     valid = e < TUBELET * PATCH * PATCH * C
@@ -62,18 +65,18 @@ def _masked_target_fwd_kernel(
     out_ptr,  # (B, M, R*C) fp32, contiguous; R rows of C channels per token
     mean_ptr,  # (C,) fp32, used to un-normalize float clips
     std_ptr,  # (C,) fp32
-    M, WP, HWP,
+    M, WP, HWP, N,
     s_b, s_t, s_h, s_w, s_c,
     n_b, n_t, n_h, n_w, n_c,  # next_clip strides
     TUBELET: tl.constexpr, PATCH: tl.constexpr, C: tl.constexpr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     IS_UINT8: tl.constexpr, DIFF: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    # DIFF: 0 = pixels of the t frames; 1 = frame f+1 minus frame f inside the tubelet (R = (t-1)*p*p);
-    #       2 = dense: next_clip's frame f minus clip's frame f (R = t*p*p)
+    # DIFF (fastmam.ops.targets.Diff): 0 = pixels of the t frames; 1 = frame f+1 minus frame f inside the
+    # tubelet (R = (t-1)*p*p); 2 = dense: next_clip's frame f minus clip's frame f (R = t*p*p)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // M
-    i, rr, cc = _token_cell(ids_ptr, pid, WP, HWP)
+    i, rr, cc = _token_cell(ids_ptr, pid, WP, HWP, N)
     row = tl.arange(0, BLOCK_R)[:, None]
     ch = tl.arange(0, BLOCK_C)[None, :]
     valid = (row < R) & (ch < C)
@@ -94,24 +97,29 @@ def _masked_target_fwd_kernel(
         v = v.to(tl.float32)
     mean_c = tl.load(mean_ptr + ch, mask=ch < C, other=0.0)
     std_c = tl.load(std_ptr + ch, mask=ch < C, other=1.0)
-    if IS_UINT8:
-        v = v / 255.0
-    else:
+    # uint8 values and their differences stay exact integers until one division by 255 (as the reference)
+    if not IS_UINT8:
         v = v * std_c + mean_c
     if DIFF != 0:
         prev = prev.to(tl.float32)
-        if IS_UINT8:
-            prev = prev / 255.0
-        else:
+        if not IS_UINT8:
             prev = prev * std_c + mean_c
         v = v - prev
     v = tl.where(valid, v, 0.0)
     if NORMALIZE:
-        # per channel over the token's R values: (v - mean) / (sqrt(sum((v - mean)^2) / (R - 1)) + 1e-6)
-        mu = tl.sum(v, axis=0) / R
-        d = tl.where(valid, v - mu[None, :], 0.0)
+        # per channel over the token's R values: (x - mean) / (sqrt(sum((x - mean)^2) / (R - 1)) + 1e-6), taken
+        # of u = x - x[row 0] (the same x - mean), shifted while uint8 values are exact integers: a flat patch
+        # gives u = 0 and so exactly 0 out (normalize_per_patch in fastmam.ops.targets)
+        u = v - tl.sum(tl.where(row == 0, v, 0.0), axis=0)[None, :]
+        if IS_UINT8:
+            u = u / 255.0
+        u = tl.where(valid, u, 0.0)
+        mu = tl.sum(u, axis=0) / R
+        d = tl.where(valid, u - mu[None, :], 0.0)
         var = tl.sum(d * d, axis=0) / (R - 1)
         v = d / (tl.sqrt(var)[None, :] + 1e-6)
+    elif IS_UINT8:
+        v = v / 255.0
     tl.store(out_ptr + pid * (R * C) + row * C + ch, v, mask=valid)
 
 
@@ -132,19 +140,19 @@ def gather_normalize(clip, ids, tubelet, patch, mean, std, out_dtype, layout, ge
     wp, hwp = w // patch, (h // patch) * (w // patch)
     _gather_normalize_fwd_kernel[(b * k,)](
         clip, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
-        k, wp, hwp,
+        k, wp, hwp, hwp * (t // tubelet),
         *_bthwc_strides(clip, layout), TUBELET=tubelet, PATCH=patch, C=c,
         BLOCK=triton.next_power_of_2(pv), NORMALIZE=layout == "BTHWC",
     )
     return out
 
 
-def masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, geometry, diff):
-    """Launcher: (B, M) masked ids -> (B, M, R*C) fp32 targets (see the kernel for ``diff``)."""
+def masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, geometry, diff, rows):
+    """Launcher: (B, M) masked ids -> (B, M, rows*C) fp32 targets (``diff`` and ``rows``: ``targets.Diff`` and
+    ``targets.target_rows``)."""
     b, t, h, w, c = geometry
     ids = ids.contiguous()
     m = ids.shape[1]
-    rows = (tubelet - (1 if diff == 1 else 0)) * patch * patch
     out = torch.empty(b, m, rows * c, dtype=torch.float32, device=clip.device)
     if b * m == 0:
         return out
@@ -153,7 +161,7 @@ def masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, la
     other = next_clip if next_clip is not None else clip
     _masked_target_fwd_kernel[(b * m,)](
         clip, other, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
-        m, w // patch, (h // patch) * (w // patch),
+        m, w // patch, (h // patch) * (w // patch), (t // tubelet) * (h // patch) * (w // patch),
         *_bthwc_strides(clip, layout), *_bthwc_strides(other, layout),
         TUBELET=tubelet, PATCH=patch, C=c, R=rows, BLOCK_R=triton.next_power_of_2(rows),
         BLOCK_C=triton.next_power_of_2(c), IS_UINT8=clip.dtype == torch.uint8, DIFF=diff, NORMALIZE=normalize,

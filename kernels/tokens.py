@@ -16,12 +16,15 @@ def _copy_rows_kernel(
     src_ptr,  # (B, N_src, D), row stride s_row, batch stride s_b
     dst_ptr,  # (B, N_dst, D), contiguous
     ids_ptr,  # (B, K) int64, contiguous
-    K, D, s_b, s_row, n_dst,
+    K, D, s_b, s_row, n_dst, N,
     SCATTER: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, k)
     b = pid // K
     n = tl.load(ids_ptr + pid).to(tl.int64)
+    # the caller's check rejects ids outside [0, N) before the launch; using row 0 in their place as well means
+    # that no program reads or writes outside x or out (N = n_dst for a scatter, N_src for a gather)
+    n = tl.where((n >= 0) & (n < N), n, 0)
     if SCATTER:
         src_row = src_ptr + b * s_b + (pid % K) * s_row
         dst_row = dst_ptr + (b * n_dst + n) * D
@@ -42,6 +45,7 @@ def copy_rows(x: torch.Tensor, ids: torch.Tensor, num_out: int, scatter: bool) -
     k = ids.shape[1]
     out = (torch.zeros if scatter else torch.empty)((b, num_out, d), dtype=x.dtype, device=x.device)
     if b * k * d:
-        _copy_rows_kernel[(b * k,)](x, out, ids, k, d, x.stride(0), x.stride(1), num_out, SCATTER=scatter,
+        _copy_rows_kernel[(b * k,)](x, out, ids, k, d, x.stride(0), x.stride(1), num_out,
+                                    num_out if scatter else x.shape[1], SCATTER=scatter,
                                     BLOCK_D=min(1024, triton.next_power_of_2(d)))
     return out

@@ -205,6 +205,8 @@ LOAD_CHECK = textwrap.dedent("""
     ctypes.CDLL(sys.argv[1], mode=os.RTLD_LAZY | os.RTLD_GLOBAL)
     from fastmam import ops
     from fastmam.ops import _backend, _cuda
+    from fastmam.ops.gather import check_tube_mask_gather
+    from fastmam.ops.targets import Diff, check_target_inputs
 
     _cuda.install()
     for name in _cuda.OPS:
@@ -239,19 +241,29 @@ LOAD_CHECK = textwrap.dedent("""
     lib.impl("pixel_target", ops.pixel_target_reference, "CPU")
     lib.impl("rgb_diff_target", ops.rgb_diff_target_reference, "CPU")
     assert _backend.available("tube_mask_gather")[-1] == "cuda"
-    out = _cuda.tube_mask_gather_cuda(clip, noise, 0.5, 2, 7, tuple(MEAN), torch.tensor(STD), torch.bfloat16)
+    # the backend as the public ops call it, after their one validation (a CPU tensor never reaches 'cuda' there)
+    def tube_mask_gather_cuda(clip, noise, ratio, t, p, mean, std, out_dtype=torch.float32, layout="BTHWC",
+                              masking="tube"):
+        args = check_tube_mask_gather(clip, noise, ratio, t, p, mean, std, out_dtype, layout, masking)
+        return _cuda.tube_mask_gather_cuda(clip, noise, t, p, out_dtype, layout, masking, args)
+
+    def target_cuda(clip, ids, t, p, normalize, next_clip=None, mean=None, std=None, layout="BTHWC", diff=None):
+        diff = Diff.PIXELS if diff is None else diff
+        args = check_target_inputs(clip, ids, t, p, normalize, mean, std, layout, diff, next_clip)
+        return _cuda.target_cuda(clip, next_clip, t, p, normalize, layout, diff, args)
+
+    out = tube_mask_gather_cuda(clip, noise, 0.5, 2, 7, tuple(MEAN), torch.tensor(STD), torch.bfloat16)
     assert type(out) is ops.MaskedPatches
     for o, r in zip(out, ref, strict=True):
         assert torch.equal(o, r)
     bcthw = torch.randn(2, 3, 4, 14, 21, generator=g).permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
-    out = _cuda.tube_mask_gather_cuda(bcthw, noise, 0.5, 2, 7, MEAN, STD, torch.float16, "BCTHW")
+    out = tube_mask_gather_cuda(bcthw, noise, 0.5, 2, 7, MEAN, STD, torch.float16, "BCTHW")
     assert torch.equal(out.patches, ops.tube_mask_gather_reference(bcthw, noise, 0.5, 2, 7, MEAN, STD, torch.float16,
                                                                    "BCTHW").patches)
-    assert torch.equal(_cuda.pixel_target_cuda(clip, ids.int(), 2, 7, False),
-                       ops.pixel_target_reference(clip, ids, 2, 7, False))
-    assert torch.equal(_cuda.rgb_diff_target_cuda(clip, ids, 2, 7, True, nxt),
+    assert torch.equal(target_cuda(clip, ids.int(), 2, 7, False), ops.pixel_target_reference(clip, ids, 2, 7, False))
+    assert torch.equal(target_cuda(clip, ids, 2, 7, True, nxt, diff=Diff.DENSE),
                        ops.rgb_diff_target_reference(clip, ids, 2, 7, True, nxt))
-    assert torch.equal(_cuda.rgb_diff_target_cuda(bcthw, ids, 2, 7, True, None, MEAN, STD, "BCTHW"),
+    assert torch.equal(target_cuda(bcthw, ids, 2, 7, True, None, MEAN, STD, "BCTHW", Diff.PAIRS),
                        ops.rgb_diff_target_reference(bcthw, ids, 2, 7, True, None, MEAN, STD, "BCTHW"))
 
     # what the kernels do not take goes elsewhere (here: the reference), never to them
@@ -260,12 +272,12 @@ LOAD_CHECK = textwrap.dedent("""
 
     lib.impl("tube_mask_gather", not_here, "CPU")
     tokens = torch.rand(2, 12, generator=g)
-    r = _cuda.tube_mask_gather_cuda(clip, tokens, 0.5, 2, 7, MEAN, STD, masking="random")
+    r = tube_mask_gather_cuda(clip, tokens, 0.5, 2, 7, MEAN, STD, masking="random")
     assert torch.equal(r.ids_keep, ops.tube_mask_gather_reference(clip, tokens, 0.5, 2, 7, MEAN, STD,
                                                                   masking="random").ids_keep)
     big = torch.randint(0, 256, (1, 2, 66, 64, 3), dtype=torch.uint8, generator=g)  # 33 x 32 = 1056 positions
-    _cuda.tube_mask_gather_cuda(big, torch.rand(1, 1056, generator=g), 0.9, 2, 2, MEAN, STD)
-    _cuda.tube_mask_gather_cuda(clip, noise, 0.5, 2, 7, MEAN, STD, torch.float64)
+    tube_mask_gather_cuda(big, torch.rand(1, 1056, generator=g), 0.9, 2, 2, MEAN, STD)
+    tube_mask_gather_cuda(clip, noise, 0.5, 2, 7, MEAN, STD, torch.float64)
     print("ok")
 """)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,10 +48,20 @@ def clip_geometry(clip: torch.Tensor, layout: str, tubelet: int, patch: int) -> 
     return b, t, h, w, c
 
 
+def check_ratio(ratio) -> float:
+    """A mask ratio as a Python float in (0, 1): a number (int, float, numpy scalar) or a one-element tensor.
+
+    A tensor on a GPU is read with a host sync: pass a number (the config does)."""
+    if isinstance(ratio, torch.Tensor) and ratio.numel() == 1 and not ratio.is_complex():
+        ratio = ratio.item()
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}")
+    return float(ratio)
+
+
 def num_hidden(ratio: float, positions: int) -> int:
     """VideoMAE's rule: ``int(ratio * positions)`` positions are hidden; at least one hidden and one kept."""
-    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}")
+    ratio = check_ratio(ratio)
     hidden = int(ratio * positions)
     if not 0 < hidden < positions:
         raise ValueError(
@@ -57,6 +69,22 @@ def num_hidden(ratio: float, positions: int) -> int:
             "it must hide at least one and keep at least one"
         )
     return hidden
+
+
+def check_values(ok: torch.Tensor, summary: str, details: Callable[[], str]) -> None:
+    """Assert a 0-d bool tensor computed from the inputs' values, without a host sync where one would cost.
+
+    CPU tensors (eager): read now; ``ValueError(f"{summary}: {details()}")``. CUDA tensors, and inside
+    ``torch.compile``: ``torch._assert_async`` queues the check on the device (a handful of tiny kernels, no host
+    sync) with ``summary`` (a constant: the values stay on the device); a failure surfaces as an error at the next
+    synchronization, as PyTorch's own index checks do on a GPU, and stops the kernels that follow from running,
+    so nothing reads out of bounds."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(f"{summary}: {details()}")
+        return
+    torch._assert_async(ok, f"fastmam.ops: {summary} (checked on the device; the same call on CPU tensors names "
+                            "the values)")
 
 
 def check_noise(noise: torch.Tensor, batch: int | None, positions: int | None, name: str = "noise") -> None:
@@ -69,9 +97,13 @@ def check_noise(noise: torch.Tensor, batch: int | None, positions: int | None, n
         raise ValueError(f"{name} has batch {noise.shape[0]} but the clip has batch {batch}")
     if positions is not None and noise.shape[1] != positions:
         raise ValueError(f"{name} has {noise.shape[1]} positions per sample, expected {positions}")
+    # NaN has no rank: backends that sort differently would mask differently
+    check_values(~noise.isnan().any(), f"{name} contains NaN",
+                 lambda: f"{noise.isnan().sum().item()} position(s); draw it with torch.rand (values in [0, 1))")
 
 
 def check_ids(ids: torch.Tensor, batch: int, num_tokens: int, name: str) -> None:
+    """Shape, dtype, and every id in [0, num_tokens) (a device-side check on a GPU, see ``check_values``)."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{name} must be an int64 or int32 tensor of token indices, got {got}")
@@ -79,6 +111,22 @@ def check_ids(ids: torch.Tensor, batch: int, num_tokens: int, name: str) -> None
         raise ValueError(f"{name} must have shape (B={batch}, K), got {tuple(ids.shape)}")
     if ids.shape[1] > num_tokens:
         raise ValueError(f"{name} selects {ids.shape[1]} tokens but there are only {num_tokens}")
+    if ids.numel():
+        check_in_range(ids, num_tokens, name, "token ids")
+
+
+def check_in_range(values: torch.Tensor, size: int, name: str, what: str, ignore_index: int | None = None) -> None:
+    """Every value in [0, size) (or equal to ``ignore_index``), checked as ``check_values`` does."""
+    ok = (values >= 0) & (values < size)
+    if ignore_index is not None:
+        ok |= values == ignore_index
+
+    def details() -> str:
+        allowed = f"[0, {size})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        return (f"{int((~ok).sum())} of them outside {allowed} (min {values.min().item()}, max "
+                f"{values.max().item()}); they must index the {size} entries")
+
+    check_values(ok.all(), f"{name} holds {what} out of range", details)
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
@@ -86,6 +134,33 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"inputs must be on one device, got {listing}")
+
+
+def stat_values(values: Sequence[float] | torch.Tensor | None, channels: int, name: str,
+                positive: bool = False) -> tuple[float, ...]:
+    """Per-channel mean or std as a tuple of floats, checked once at the public op: one finite value per
+    channel (and > 0 for a std). A tensor on a GPU is read with a host sync: pass a sequence (the config does)."""
+    if values is None:
+        raise ValueError(f"{name} is needed here: pass one value per channel ({channels}) in [0, 1] pixel units, "
+                         "e.g. ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().flatten().tolist()
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a sequence of {channels} numbers, got {values!r}") from e
+    if len(out) != channels:
+        raise ValueError(f"{name} must have one value per channel ({channels}), got {len(out)}")
+    if not all(math.isfinite(v) for v in out) or (positive and not all(v > 0 for v in out)):
+        need = "finite and > 0" if positive else "finite"
+        raise ValueError(f"{name} must be {need} for every channel, got {out}")
+    return out
+
+
+def check_out_dtype(out_dtype: torch.dtype) -> None:
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating-point dtype (torch.float32, torch.bfloat16, torch.float16), "
+                        f"got {out_dtype}")
 
 
 @functools.lru_cache(maxsize=64)

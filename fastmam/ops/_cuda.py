@@ -7,11 +7,11 @@ printed; a ``fastmam._C`` that exists but fails to load (built against another t
 
 When loaded, it registers fake (meta) implementations of the three ops, so ``torch.compile`` traces
 them as single graph nodes, and registers ``tube_mask_gather``, ``pixel_target`` and
-``rgb_diff_target`` as backend ``"cuda"``, with the same input checks and return types as the other
-backends. ``backend="cuda"`` (or ``FASTMAM_BACKEND=cuda``) selects them; ``auto`` does so per op only once a
-recorded GPU benchmark has measured them faster than Triton (``_backend.MEASURED_PREFERENCE``). What the kernels
-do not implement is sent, explicitly, to the Triton backend (the reference where Triton is absent) — see
-``unsupported_reason``:
+``rgb_diff_target`` as backend ``"cuda"``, with the return types of the other backends (the public op
+validates the inputs, once, for every backend). ``backend="cuda"`` (or ``FASTMAM_BACKEND=cuda``) selects
+them; ``auto`` does so per op only once a recorded GPU benchmark has measured them faster than Triton
+(``_backend.MEASURED_PREFERENCE``). What the kernels do not implement is sent, explicitly, to the Triton
+backend (the reference where Triton is absent) — see ``unsupported_reason``:
 
 - ``masking='random'`` (per-token noise): the kernel implements tube masking only;
 - more than 1024 spatial positions per time slice: one thread block sorts a sample's noise;
@@ -26,14 +26,12 @@ import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Sequence
 
 import torch
 
 from . import _backend
-from ._checks import channel_stats, check_noise, check_same_device, clip_geometry, num_hidden
-from .gather import MaskedPatches
-from .targets import check_normalizable, check_rgb_diff_inputs, check_target_inputs
+from .gather import GatherInputs, MaskedPatches
+from .targets import Diff, TargetInputs
 
 #: a CMake build of csrc/ (libfastmam_cuda.so), loaded when fastmam._C is absent
 LIBRARY_ENV = "FASTMAM_CUDA_LIBRARY"
@@ -105,14 +103,9 @@ def _register_fakes() -> None:
                               dtype=torch.float32)
 
 
-def _floats(values) -> list[float] | None:
-    """Per-channel statistics as the schema's ``float[]``. Pass sequences (as the config does): reading a
-    CUDA tensor here would make the host wait for the GPU."""
-    if values is None:
-        return None
-    if isinstance(values, torch.Tensor):
-        values = values.flatten().tolist()
-    return [float(v) for v in values]
+def _floats(values: tuple[float, ...] | None) -> list[float] | None:
+    """Validated per-channel statistics (``stat_values``) as the schema's ``float[]``, or None."""
+    return None if values is None else list(values)
 
 
 def unsupported_reason(clip: torch.Tensor, layout: str, channels: int, positions: int | None = None,
@@ -136,59 +129,31 @@ def _fallback(op: str, device: torch.device):
     return _backend.resolve(op, backend, device)[1]
 
 
-def tube_mask_gather_cuda(
-    clip: torch.Tensor,
-    noise: torch.Tensor,
-    ratio: float,
-    tubelet: int,
-    patch: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    out_dtype: torch.dtype = torch.float32,
-    layout: str = "BTHWC",
-    masking: str = "tube",
-) -> MaskedPatches:
-    """Tube masking and the gather of the visible patches in one kernel launch (see ``tube_mask_gather``)."""
-    b, _, h, w, c = clip_geometry(clip, layout, tubelet, patch)
+def tube_mask_gather_cuda(clip, noise, tubelet, patch, out_dtype, layout, masking,
+                          args: GatherInputs) -> MaskedPatches:
+    """Tube masking and the gather of the visible patches in one kernel launch (see ``tube_mask_gather``);
+    inputs validated by the public op."""
+    b, _, h, w, c = args.geometry
     positions = (h // patch) * (w // patch)
     if unsupported_reason(clip, layout, c, positions, masking, out_dtype) is not None:
-        return _fallback("tube_mask_gather", clip.device)(clip, noise, ratio, tubelet, patch, mean, std, out_dtype,
-                                                          layout, masking)
-    check_noise(noise, b, positions)
-    check_same_device(clip=clip, noise=noise)
-    num_hidden(ratio, positions)
-    if layout == "BTHWC":
-        channel_stats(mean, c, "mean", clip.device)
-        channel_stats(std, c, "std", clip.device)
-    out = torch.ops.fastmam_cuda.tube_mask_gather(clip, noise, float(ratio), tubelet, patch, _floats(mean) or [],
-                                                  _floats(std) or [], out_dtype, layout)
+        return _fallback("tube_mask_gather", clip.device)(clip, noise, tubelet, patch, out_dtype, layout, masking,
+                                                          args)
+    out = torch.ops.fastmam_cuda.tube_mask_gather(clip, noise, args.ratio, tubelet, patch, _floats(args.mean) or [],
+                                                  _floats(args.std) or [], out_dtype, layout)
     return MaskedPatches(*out)
 
 
-def pixel_target_cuda(clip, ids_masked, tubelet, patch, normalize=True, mean=None, std=None, layout="BTHWC"):
-    """VideoMAE's pixel target of the masked tokens (see ``pixel_target``): (B, Nm, t*p*p*C) float32."""
-    c = check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)[-1]
-    if unsupported_reason(clip, layout, c) is not None:
-        return _fallback("pixel_target", clip.device)(clip, ids_masked, tubelet, patch, normalize, mean, std, layout)
-    check_normalizable(tubelet * patch * patch, normalize)
-    return torch.ops.fastmam_cuda.pixel_target(clip, ids_masked.long(), tubelet, patch, normalize, _floats(mean),
-                                               _floats(std), layout)
-
-
-def rgb_diff_target_cuda(clip, ids_masked, tubelet, patch, normalize=False, next_clip=None, mean=None, std=None,
-                         layout="BTHWC"):
-    """MAM2's RGB-difference target of the masked tokens (see ``rgb_diff_target``), float32."""
-    check_rgb_diff_inputs(clip, tubelet, next_clip)
-    c = check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)[-1]
-    if unsupported_reason(clip, layout, c) is not None:
-        return _fallback("rgb_diff_target", clip.device)(clip, ids_masked, tubelet, patch, normalize, next_clip,
-                                                         mean, std, layout)
-    dense = next_clip is not None
-    if dense:
-        check_same_device(clip=clip, next_clip=next_clip)
-    check_normalizable((tubelet - (0 if dense else 1)) * patch * patch, normalize)
-    return torch.ops.fastmam_cuda.rgb_diff_target(clip, ids_masked.long(), tubelet, patch, normalize, next_clip,
-                                                  _floats(mean), _floats(std), layout)
+def target_cuda(clip, next_clip, tubelet, patch, normalize, layout, diff: Diff, args: TargetInputs):
+    """VideoMAE's pixel target or MAM2's RGB difference of the masked tokens (``diff``), float32; inputs
+    validated by the public op."""
+    op = "pixel_target" if diff == Diff.PIXELS else "rgb_diff_target"
+    if unsupported_reason(clip, layout, args.geometry[-1]) is not None:
+        return _fallback(op, clip.device)(clip, next_clip, tubelet, patch, normalize, layout, diff, args)
+    mean, std = _floats(args.mean), _floats(args.std)
+    if diff == Diff.PIXELS:
+        return torch.ops.fastmam_cuda.pixel_target(clip, args.ids, tubelet, patch, normalize, mean, std, layout)
+    return torch.ops.fastmam_cuda.rgb_diff_target(clip, args.ids, tubelet, patch, normalize, next_clip, mean, std,
+                                                  layout)
 
 
 def install() -> None:
@@ -198,8 +163,8 @@ def install() -> None:
         return
     _register_fakes()
     _backend.register("tube_mask_gather", "cuda", tube_mask_gather_cuda)
-    _backend.register("pixel_target", "cuda", pixel_target_cuda)
-    _backend.register("rgb_diff_target", "cuda", rgb_diff_target_cuda)
+    _backend.register("pixel_target", "cuda", target_cuda)
+    _backend.register("rgb_diff_target", "cuda", target_cuda)
     _installed = True
 
 

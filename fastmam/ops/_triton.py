@@ -12,20 +12,15 @@ import importlib.util
 import torch
 
 from . import _backend
-from ._checks import channel_stats, check_same_device, clip_geometry
-from .gather import MaskedPatches, mask_clip
-from .loss import LossOutput, dual_decoder_loss_reference, motion_term
-from .targets import check_normalizable, check_rgb_diff_inputs, check_target_inputs
+from ._checks import clip_geometry
+from .gather import GatherInputs, MaskedPatches, mask_clip
+from .loss import LossOutput, _dual_decoder_loss_reference, counted_weights, motion_term
+from .targets import Diff, TargetInputs, target_rows
 
 
-def _floats(values) -> list[float] | None:
-    """Per-channel statistics as a list of floats (the custom ops' schema), or None. Pass them as a
-    sequence, as the config does: a CUDA tensor here costs a host sync to read it."""
-    if values is None:
-        return None
-    if isinstance(values, torch.Tensor):
-        return [float(v) for v in values.flatten().tolist()]
-    return [float(v) for v in values]
+def _floats(values: tuple[float, ...] | None) -> list[float] | None:
+    """Validated per-channel statistics (``stat_values``) as the custom ops' ``float[]``, or None."""
+    return None if values is None else list(values)
 
 
 def _kernels():
@@ -64,13 +59,13 @@ def _masked_target_op(clip: torch.Tensor, next_clip: torch.Tensor | None, ids: t
                       diff: int) -> torch.Tensor:
     geometry = clip_geometry(clip, layout, tubelet, patch)
     return _kernels().masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, geometry,
-                                    diff)
+                                    diff, target_rows(tubelet, patch, Diff(diff)))
 
 
 @_masked_target_op.register_fake
 def _(clip, next_clip, ids, tubelet, patch, normalize, mean, std, layout, diff):
     c = clip.shape[-1] if layout == "BTHWC" else clip.shape[1]
-    rows = (tubelet - (1 if diff == 1 else 0)) * patch * patch
+    rows = target_rows(tubelet, patch, Diff(diff))
     return clip.new_empty((ids.shape[0], ids.shape[1], rows * c), dtype=torch.float32)
 
 
@@ -82,9 +77,15 @@ def _fused_linear_ce_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     Chunks of ``chunk_rows`` tokens: a matmul gives the chunk's fp32 logits, the kernel turns them into row
     losses and overwrites them with d(loss)/d(logits), two matmuls accumulate the gradients. The (M x K)
-    logits never exist whole, and the gradients come out of the same sweep."""
+    logits never exist whole, and the gradients come out of the same sweep. Rows whose code is outside [0, K)
+    (``ignore_index``) have loss 0 and gradient 0; give them scale 0 so that they leave the mean too."""
     from fastmam.kernels.cross_entropy import ce_fwd_grad_
 
+    with torch.autocast(h.device.type, enabled=False):  # fp32 logits and gradients, also under autocast
+        return _fused_linear_ce(h, weight, bias, codes, scale, chunk_rows, block_k, ce_fwd_grad_)
+
+
+def _fused_linear_ce(h, weight, bias, codes, scale, chunk_rows, block_k, ce_fwd_grad_):
     h32, w32 = h.float(), weight.float()
     b32 = bias.float() if bias is not None else None
     grad_h = torch.empty_like(h32)
@@ -165,65 +166,51 @@ def scatter_tokens_triton(x, ids, num_tokens):
     return _copy_rows_op(x, ids, num_tokens, True)
 
 
-def fused_linear_cross_entropy(h, weight, bias, codes, token_weight=None):
+def fused_linear_cross_entropy(h, weight, bias, codes, token_weight=None, ignore_index=-100):
     """Token-weighted mean CE of ``h @ weight.T + bias`` against ``codes``: h (M, Da), weight (K, Da),
-    bias (K,) or None, codes (M,) int, token_weight (M,) or None -> fp32 scalar, differentiable in h,
-    weight and bias."""
+    bias (K,) or None, codes (M,) int in [0, K) or ``ignore_index``, token_weight (M,) or None -> fp32 scalar,
+    differentiable in h, weight and bias; 0 when no token counts (the reference's ``weighted_mean``)."""
     m = h.shape[0]
-    if token_weight is None:
-        scale = torch.full((m,), 1.0 / m, dtype=torch.float32, device=h.device)
-    else:
-        w = token_weight.reshape(-1).float()
-        scale = w / w.sum()
-    return _fused_linear_ce_op(h, weight, bias, codes.reshape(-1).long().contiguous(), scale, CE_CHUNK_ROWS,
-                               CE_BLOCK_K)[0]
+    codes = codes.reshape(-1).long()
+    weights = counted_weights(m, token_weight, codes, ignore_index)
+    total = weights.sum()
+    scale = weights / torch.where(total == 0, torch.ones_like(total), total)
+    return _fused_linear_ce_op(h, weight, bias, codes.contiguous(), scale, CE_CHUNK_ROWS, CE_BLOCK_K)[0]
 
 
-def dual_decoder_loss_triton(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred=None,
-                             motion_target=None, appearance_weight=1.0, motion_weight=1.0, token_weight=None):
+def dual_decoder_loss_triton(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
+                             motion_target, appearance_weight, motion_weight, token_weight, ignore_index):
     """Codes: fused chunked cross-entropy (Triton); pixels: the reference's MSE. Motion: the reference's MSE."""
     if appearance_target.is_floating_point():
-        return dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
-                                           motion_target, appearance_weight, motion_weight, token_weight)
+        return _dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
+                                            motion_target, appearance_weight, motion_weight, token_weight,
+                                            ignore_index)
     h = appearance_hidden.reshape(-1, appearance_hidden.shape[-1])
-    appearance = fused_linear_cross_entropy(h, head_weight, head_bias, appearance_target, token_weight)
+    appearance = fused_linear_cross_entropy(h, head_weight, head_bias, appearance_target, token_weight, ignore_index)
     motion = motion_term(motion_pred, motion_target, h.shape[0], token_weight, appearance)
     return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
 
 
-def tube_mask_gather_triton(clip, noise, ratio, tubelet, patch, mean, std, out_dtype=torch.float32,
-                            layout="BTHWC", masking="tube") -> MaskedPatches:
-    geometry, m = mask_clip(clip, noise, ratio, tubelet, patch, layout, masking)
-    if layout == "BTHWC":
-        channel_stats(mean, geometry[-1], "mean", clip.device)
-        channel_stats(std, geometry[-1], "std", clip.device)
-    patches = _gather_normalize_op(clip, m.ids_keep, tubelet, patch, _floats(mean), _floats(std), out_dtype, layout)
+def tube_mask_gather_triton(clip, noise, tubelet, patch, out_dtype, layout, masking,
+                            args: GatherInputs) -> MaskedPatches:
+    m = mask_clip(noise, args, tubelet, masking)
+    c = args.geometry[-1]
+    # a BCTHW clip is only cast: its statistics are not used, the schema still takes a list
+    mean, std = args.mean or (0.0,) * c, args.std or (1.0,) * c
+    patches = _gather_normalize_op(clip, m.ids_keep, tubelet, patch, list(mean), list(std), out_dtype, layout)
     return MaskedPatches(patches, *m)
 
 
-def pixel_target_triton(clip, ids_masked, tubelet, patch, normalize=True, mean=None, std=None, layout="BTHWC"):
-    check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
-    check_normalizable(tubelet * patch * patch, normalize)
-    return _masked_target_op(clip, None, ids_masked.long(), tubelet, patch, normalize, _floats(mean), _floats(std),
-                             layout, 0)
-
-
-def rgb_diff_target_triton(clip, ids_masked, tubelet, patch, normalize=False, next_clip=None, mean=None, std=None,
-                           layout="BTHWC"):
-    check_rgb_diff_inputs(clip, tubelet, next_clip)
-    check_target_inputs(clip, ids_masked, tubelet, patch, layout, mean, std)
-    dense = next_clip is not None
-    if dense:
-        check_same_device(clip=clip, next_clip=next_clip)
-    check_normalizable((tubelet - (0 if dense else 1)) * patch * patch, normalize)
-    return _masked_target_op(clip, next_clip, ids_masked.long(), tubelet, patch, normalize, _floats(mean),
-                             _floats(std), layout, 2 if dense else 1)
+def target_triton(clip, next_clip, tubelet, patch, normalize, layout, diff: Diff, args: TargetInputs):
+    """Both target ops (``diff`` as in ``targets.Diff``) on validated inputs."""
+    return _masked_target_op(clip, next_clip, args.ids, tubelet, patch, normalize, _floats(args.mean),
+                             _floats(args.std), layout, int(diff))
 
 
 if importlib.util.find_spec("triton") is not None:
     _backend.register("tube_mask_gather", "triton", tube_mask_gather_triton)
-    _backend.register("pixel_target", "triton", pixel_target_triton)
-    _backend.register("rgb_diff_target", "triton", rgb_diff_target_triton)
+    _backend.register("pixel_target", "triton", target_triton)
+    _backend.register("rgb_diff_target", "triton", target_triton)
     _backend.register("dual_decoder_loss", "triton", dual_decoder_loss_triton)
     _backend.register("gather_tokens", "triton", gather_tokens_triton)
     _backend.register("scatter_tokens", "triton", scatter_tokens_triton)

@@ -12,8 +12,18 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from ._checks import channel_stats, check_ids, check_noise, check_same_device, clip_geometry
-from .masking import Masking, random_masking_reference, tube_masking_reference
+from ._checks import (
+    channel_stats,
+    check_ids,
+    check_noise,
+    check_out_dtype,
+    check_ratio,
+    check_same_device,
+    clip_geometry,
+    num_hidden,
+    stat_values,
+)
+from .masking import Masking, mask_tokens
 
 
 def patchify_reference(clip: torch.Tensor, tubelet: int, patch: int, layout: str = "BTHWC") -> torch.Tensor:
@@ -46,21 +56,52 @@ class MaskedPatches(NamedTuple):
     mask: torch.Tensor
 
 
-def mask_clip(clip, noise, ratio, tubelet, patch, layout, masking) -> tuple[tuple[int, ...], Masking]:
-    """Validate a clip and its noise, and mask it: shared by every backend of ``tube_mask_gather``.
+class GatherInputs(NamedTuple):
+    """Validated inputs of ``tube_mask_gather``; ``mean``/``std`` are float tuples for a uint8 clip, else None."""
 
-    Returns the clip's (B, T, H, W, C) and the ``Masking``."""
+    geometry: tuple[int, int, int, int, int]
+    ratio: float
+    hidden: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+MASKINGS = ("tube", "random")
+
+
+def check_tube_mask_gather(clip, noise, ratio, tubelet, patch, mean, std, out_dtype, layout, masking) -> GatherInputs:
+    """Validate ``tube_mask_gather``'s inputs once, for every backend."""
     geometry = clip_geometry(clip, layout, tubelet, patch)
-    b, t, h, w, _ = geometry
+    b, t, h, w, c = geometry
+    if masking not in MASKINGS:
+        raise ValueError(f"masking='{masking}' is not supported; expected 'tube' or 'random'")
     s = (h // patch) * (w // patch)
-    slices = t // tubelet
-    check_noise(noise, b, s if masking == "tube" else s * slices)
+    positions = s if masking == "tube" else s * (t // tubelet)
+    check_noise(noise, b, positions)
     check_same_device(clip=clip, noise=noise)
-    if masking == "tube":
-        return geometry, tube_masking_reference(noise, ratio, slices)
-    if masking == "random":
-        return geometry, random_masking_reference(noise, ratio)
-    raise ValueError(f"masking='{masking}' is not supported; expected 'tube' or 'random'")
+    ratio = check_ratio(ratio)
+    hidden = num_hidden(ratio, positions)
+    check_out_dtype(out_dtype)
+    if layout == "BTHWC":  # normalized here; a BCTHW clip is already normalized and only cast
+        mean, std = stat_values(mean, c, "mean"), stat_values(std, c, "std", positive=True)
+    else:
+        mean = std = None
+    return GatherInputs(geometry, ratio, hidden, mean, std)
+
+
+def mask_clip(noise: torch.Tensor, args: GatherInputs, tubelet: int, masking: str) -> Masking:
+    """The masking of validated inputs (shared by the backends that mask with torch ops)."""
+    return mask_tokens(noise, args.hidden, args.geometry[1] // tubelet, masking)
+
+
+def _tube_mask_gather_reference(clip, noise, tubelet, patch, out_dtype, layout, masking, args: GatherInputs):
+    m = mask_clip(noise, args, tubelet, masking)
+    visible = gather_tokens_reference(patchify_reference(clip, tubelet, patch, layout), m.ids_keep)
+    if layout == "BTHWC":
+        visible = normalize_patches(visible, args.mean, args.std, args.geometry[-1], out_dtype)
+    else:
+        visible = visible.to(out_dtype)
+    return MaskedPatches(visible, *m)
 
 
 def tube_mask_gather_reference(
@@ -69,8 +110,8 @@ def tube_mask_gather_reference(
     ratio: float,
     tubelet: int,
     patch: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     out_dtype: torch.dtype = torch.float32,
     layout: str = "BTHWC",
     masking: str = "tube",
@@ -80,13 +121,8 @@ def tube_mask_gather_reference(
     clip: (B, T, H, W, C) uint8 (normalized here with mean/std in [0, 1] units) or (B, C, T, H, W)
     float already normalized (only cast). noise: (B, S) for tube masking, (B, N) for random.
     """
-    (b, t, h, w, c), m = mask_clip(clip, noise, ratio, tubelet, patch, layout, masking)
-    visible = gather_tokens_reference(patchify_reference(clip, tubelet, patch, layout), m.ids_keep)
-    if layout == "BTHWC":
-        visible = normalize_patches(visible, mean, std, c, out_dtype)
-    else:
-        visible = visible.to(out_dtype)
-    return MaskedPatches(visible, *m)
+    args = check_tube_mask_gather(clip, noise, ratio, tubelet, patch, mean, std, out_dtype, layout, masking)
+    return _tube_mask_gather_reference(clip, noise, tubelet, patch, out_dtype, layout, masking, args)
 
 
 def gather_tokens_reference(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -101,7 +137,7 @@ def scatter_tokens_reference(x: torch.Tensor, ids: torch.Tensor, num_tokens: int
 
 
 for _name, _fn in (
-    ("tube_mask_gather", tube_mask_gather_reference),
+    ("tube_mask_gather", _tube_mask_gather_reference),
     ("gather_tokens", gather_tokens_reference),
     ("scatter_tokens", scatter_tokens_reference),
 ):
@@ -114,8 +150,8 @@ def tube_mask_gather(
     ratio: float,
     tubelet: int,
     patch: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     out_dtype: torch.dtype = torch.float32,
     layout: str = "BTHWC",
     masking: str = "tube",
@@ -127,10 +163,12 @@ def tube_mask_gather(
     clip: (B, T, H, W, C) uint8 with layout='BTHWC', or (B, C, T, H, W) normalized float with
     layout='BCTHW'. noise: (B, S) float, S = (H/p)*(W/p) (or (B, N) with masking='random').
     Returns ``MaskedPatches(patches (B, Nv, t*p*p*C) out_dtype, ids_keep (B, Nv) int64,
-    ids_masked (B, Nm) int64, mask (B, N) bool)``.
+    ids_masked (B, Nm) int64, mask (B, N) bool)``. mean/std: per channel in [0, 1] units, needed for a uint8
+    clip (std > 0); ratio: a number in (0, 1). Bad input raises ``ValueError``/``TypeError`` on every backend.
     """
+    args = check_tube_mask_gather(clip, noise, ratio, tubelet, patch, mean, std, out_dtype, layout, masking)
     _, impl = _backend.resolve("tube_mask_gather", backend, clip.device)
-    return impl(clip, noise, ratio, tubelet, patch, mean, std, out_dtype, layout, masking)
+    return impl(clip, noise, tubelet, patch, out_dtype, layout, masking, args)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The dual-decoder loss of MAM2: appearance (codes CE, or pixel MSE) plus motion (RGB-difference MSE).
 
 ``total = appearance_weight * appearance + motion_weight * motion``, each term a mean over masked
-tokens (weighted by ``token_weight`` when given). The appearance head is applied inside the loss
+tokens (weighted by ``token_weight`` when given; codes equal to ``ignore_index`` left out of the appearance
+term). A term with nothing to average is 0. The appearance head is applied inside the loss
 (``h @ W.T + b``) so that fused backends can avoid materializing the (M x K) logits.
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_same_device
+from ._checks import check_in_range, check_same_device
 
 
 class LossOutput(NamedTuple):
@@ -24,19 +25,36 @@ class LossOutput(NamedTuple):
     motion: torch.Tensor
 
 
-def _weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
-    if token_weight is None:
-        return per_token.mean()
-    w = token_weight.reshape(-1).to(torch.float32)
-    return (per_token * w).sum() / w.sum()
+#: PyTorch's convention: a code equal to it is left out of the cross-entropy and of its mean
+IGNORE_INDEX = -100
+
+
+def counted_weights(num_tokens: int, token_weight: torch.Tensor | None, codes: torch.Tensor | None = None,
+                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor | None:
+    """Per-token fp32 weights of a mean, 0 where ``codes == ignore_index``; None for a plain mean."""
+    w = None if token_weight is None else token_weight.reshape(num_tokens).to(torch.float32)
+    if codes is not None:
+        counted = (codes.reshape(num_tokens) != ignore_index).to(torch.float32)
+        w = counted if w is None else w * counted
+    return w
+
+
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_i w_i l_i / sum_i w_i (a plain mean without weights). A mean over nothing — no tokens, all weights 0,
+    every code ignored — is defined as 0 with zero gradients, on every backend (PyTorch's mean would give NaN)."""
+    if weights is None:
+        return per_token.sum() / max(1, per_token.numel())
+    total = weights.sum()
+    return (per_token * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def motion_term(motion_pred, motion_target, num_tokens: int, token_weight, like: torch.Tensor) -> torch.Tensor:
     """Weighted mean over tokens of the per-token MSE (fp32); a zero scalar like ``like`` without motion."""
     if motion_pred is None:
         return like.new_zeros(())
-    diff = motion_pred.reshape(num_tokens, -1).to(torch.float32) - motion_target.reshape(num_tokens, -1).float()
-    return _weighted_mean(diff.square().mean(dim=-1), token_weight)
+    values = motion_pred.numel() // max(1, num_tokens)  # per token; the shapes are checked equal
+    diff = motion_pred.reshape(num_tokens, values).to(torch.float32) - motion_target.reshape(num_tokens, values).float()
+    return weighted_mean(diff.square().mean(dim=-1), counted_weights(num_tokens, token_weight))
 
 
 def dual_decoder_loss_reference(
@@ -49,25 +67,40 @@ def dual_decoder_loss_reference(
     appearance_weight: float = 1.0,
     motion_weight: float = 1.0,
     token_weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> LossOutput:
-    """The specification; logits and squared errors in fp32 whatever the input dtype."""
-    h = appearance_hidden.reshape(-1, appearance_hidden.shape[-1]).to(torch.float32)
-    pred = h @ head_weight.to(torch.float32).t()
-    if head_bias is not None:
-        pred = pred + head_bias.to(torch.float32)
-    if appearance_target.is_floating_point():
-        per_token = (pred - appearance_target.reshape(pred.shape).to(torch.float32)).square().mean(dim=-1)
-    else:
-        per_token = F.cross_entropy(pred, appearance_target.reshape(-1).long(), reduction="none")
-    appearance = _weighted_mean(per_token, token_weight)
-    motion = motion_term(motion_pred, motion_target, h.shape[0], token_weight, appearance)
+    """The specification; logits and squared errors in fp32 whatever the input dtype, also under autocast."""
+    _check_loss_inputs(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred, motion_target,
+                       token_weight, ignore_index)
+    return _dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
+                                        motion_target, appearance_weight, motion_weight, token_weight, ignore_index)
+
+
+def _dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred,
+                                 motion_target, appearance_weight, motion_weight, token_weight, ignore_index):
+    # autocast would run the head's matmul in bf16/fp16: the logits of a large codebook need fp32
+    with torch.autocast(appearance_hidden.device.type, enabled=False):
+        h = appearance_hidden.reshape(-1, appearance_hidden.shape[-1]).to(torch.float32)
+        m = h.shape[0]
+        pred = h @ head_weight.to(torch.float32).t()
+        if head_bias is not None:
+            pred = pred + head_bias.to(torch.float32)
+        if appearance_target.is_floating_point():
+            per_token = (pred - appearance_target.reshape(pred.shape).to(torch.float32)).square().mean(dim=-1)
+            weights = counted_weights(m, token_weight)
+        else:
+            codes = appearance_target.reshape(-1).long()
+            per_token = F.cross_entropy(pred, codes, reduction="none", ignore_index=ignore_index)
+            weights = counted_weights(m, token_weight, codes, ignore_index)
+        appearance = weighted_mean(per_token, weights)
+        motion = motion_term(motion_pred, motion_target, m, token_weight, appearance)
     return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
 
 
-_backend.register("dual_decoder_loss", "reference", dual_decoder_loss_reference)
+_backend.register("dual_decoder_loss", "reference", _dual_decoder_loss_reference)
 
 
-def _check_loss_inputs(h, w, b, target, motion_pred, motion_target, token_weight) -> None:
+def _check_loss_inputs(h, w, b, target, motion_pred, motion_target, token_weight, ignore_index) -> None:
     if h.dim() < 2:
         raise ValueError(f"appearance_hidden must be (..., Da), got shape {tuple(h.shape)}")
     m, da = h.numel() // h.shape[-1], h.shape[-1]
@@ -84,14 +117,19 @@ def _check_loss_inputs(h, w, b, target, motion_pred, motion_target, token_weight
     elif target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         if target.numel() != m:
             raise ValueError(f"appearance_target codes must hold one index per token ({m}), got {tuple(target.shape)}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if m:
+            check_in_range(target, k, "appearance_target", "codes", ignore_index)
     else:
         raise TypeError(f"appearance_target must be integer codes or float pixels, got {target.dtype}")
     if (motion_pred is None) != (motion_target is None):
         raise ValueError("give both motion_pred and motion_target, or neither")
-    if motion_pred is not None and (motion_pred.numel() != motion_target.numel() or motion_pred.numel() % m):
+    if motion_pred is not None and (motion_pred.shape != motion_target.shape or (m and motion_pred.numel() % m)
+                                    or (not m and motion_pred.numel())):
         raise ValueError(
             f"motion_pred {tuple(motion_pred.shape)} and motion_target {tuple(motion_target.shape)} must have "
-            f"the same size, a whole number of values per token (M={m})"
+            f"the same shape, a whole number of values per token (M={m})"
         )
     if token_weight is not None and token_weight.numel() != m:
         raise ValueError(f"token_weight must hold one weight per token ({m}), got {tuple(token_weight.shape)}")
@@ -109,6 +147,7 @@ def dual_decoder_loss(
     appearance_weight: float = 1.0,
     motion_weight: float = 1.0,
     token_weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
     *,
     backend: str | None = None,
 ) -> LossOutput:
@@ -117,12 +156,15 @@ def dual_decoder_loss(
     appearance_hidden: (..., Da) decoder output (M tokens in all); head_weight: (K, Da);
     head_bias: (K,) or None. appearance_target: (...,) integer codes in [0, K) -> cross-entropy
     of ``h @ W.T + b``; or float (..., K) pixels -> MSE of ``h @ W.T + b``.
-    motion_pred, motion_target: (..., Dm) float or both None. token_weight: (...,) or None.
+    motion_pred, motion_target: (..., Dm) float of one shape, or both None. token_weight: (...,) or None.
+    ignore_index: codes equal to it count in neither the cross-entropy nor its mean, as in
+    ``F.cross_entropy``. A term with nothing to average (no tokens, weights all 0, every code ignored) is 0.
+    Everything is computed in fp32, also under ``torch.autocast``.
     Returns ``LossOutput(total, appearance, motion)``, fp32 scalars; gradients flow to
     appearance_hidden, head_weight, head_bias and motion_pred.
     """
     _check_loss_inputs(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred, motion_target,
-                       token_weight)
+                       token_weight, ignore_index)
     _, impl = _backend.resolve("dual_decoder_loss", backend, appearance_hidden.device)
     return impl(appearance_hidden, head_weight, head_bias, appearance_target, motion_pred, motion_target,
-                appearance_weight, motion_weight, token_weight)
+                appearance_weight, motion_weight, token_weight, ignore_index)

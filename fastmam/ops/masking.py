@@ -6,6 +6,7 @@ Semantics (every backend must match these exactly):
   spatial position ``s`` among ``S = (H/p) * (W/p)``;
 - randomness enters only as ``noise``. A position is kept when its noise ranks among the
   ``positions - int(ratio * positions)`` smallest; ties go to the lower index (a stable sort);
+  NaN noise is rejected (it has no rank that every backend's sort would agree on);
 - tube masking hides the same spatial set in every time slice;
 - ``ids_keep`` and ``ids_masked`` are ascending token indices (int64) and ``mask`` is a bool
   tensor, True where a token is hidden (MAE convention).
@@ -44,6 +45,14 @@ def _hidden_positions(noise: torch.Tensor, hidden: int) -> torch.Tensor:
     return torch.zeros(noise.shape, dtype=torch.bool, device=noise.device).scatter_(1, ranks[:, keep:], True)
 
 
+def mask_tokens(noise: torch.Tensor, hidden: int, num_slices: int, kind: str) -> Masking:
+    """The masking of validated inputs: ``hidden`` of the noise's positions hidden (per slice for 'tube')."""
+    spatial = _hidden_positions(noise, hidden)
+    if kind == "tube":
+        return _ids_from_mask(spatial.repeat(1, num_slices), hidden * num_slices)
+    return _ids_from_mask(spatial, hidden)
+
+
 def tube_masking_reference(noise: torch.Tensor, ratio: float, num_slices: int) -> Masking:
     """Tube masking from noise (the specification).
 
@@ -53,9 +62,7 @@ def tube_masking_reference(noise: torch.Tensor, ratio: float, num_slices: int) -
     check_noise(noise, None, None)
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-    hidden = num_hidden(ratio, noise.shape[1])
-    spatial = _hidden_positions(noise, hidden)
-    return _ids_from_mask(spatial.repeat(1, num_slices), hidden * num_slices)
+    return mask_tokens(noise, num_hidden(ratio, noise.shape[1]), num_slices, "tube")
 
 
 def random_masking_reference(noise: torch.Tensor, ratio: float) -> Masking:
@@ -64,8 +71,7 @@ def random_masking_reference(noise: torch.Tensor, ratio: float) -> Masking:
     noise: (B, N) float, one value per token. Returns ``Masking`` with ``int(ratio * N)`` hidden.
     """
     check_noise(noise, None, None)
-    hidden = num_hidden(ratio, noise.shape[1])
-    return _ids_from_mask(_hidden_positions(noise, hidden), hidden)
+    return mask_tokens(noise, num_hidden(ratio, noise.shape[1]), 1, "random")
 
 
 _backend.register("tube_masking", "reference", tube_masking_reference)

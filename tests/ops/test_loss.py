@@ -84,7 +84,7 @@ def test_loss_errors(rng):
         ops.dual_decoder_loss(h, w, b, codes[:4], mp, mt)
     with pytest.raises(ValueError, match="both motion_pred and motion_target"):
         ops.dual_decoder_loss(h, w, b, codes, mp, None)
-    with pytest.raises(ValueError, match="same size"):
+    with pytest.raises(ValueError, match="same shape"):
         ops.dual_decoder_loss(h, w, b, codes, mp, mt[:, :2])
     with pytest.raises(TypeError, match="integer codes or float"):
         ops.dual_decoder_loss(h, w, b, codes.bool(), mp, mt)
