@@ -14,7 +14,7 @@ import torch
 from . import _backend
 from ._checks import clip_geometry
 from .gather import GatherInputs, MaskedPatches, mask_clip
-from .loss import LossOutput, _dual_decoder_loss_reference, counted_weights, motion_term
+from .loss import LossOutput, _dual_decoder_loss_reference, motion_term, token_scale
 from .targets import Diff, TargetInputs, target_rows
 
 
@@ -170,11 +170,8 @@ def fused_linear_cross_entropy(h, weight, bias, codes, token_weight=None, ignore
     """Token-weighted mean CE of ``h @ weight.T + bias`` against ``codes``: h (M, Da), weight (K, Da),
     bias (K,) or None, codes (M,) int in [0, K) or ``ignore_index``, token_weight (M,) or None -> fp32 scalar,
     differentiable in h, weight and bias; 0 when no token counts (the reference's ``weighted_mean``)."""
-    m = h.shape[0]
     codes = codes.reshape(-1).long()
-    weights = counted_weights(m, token_weight, codes, ignore_index)
-    total = weights.sum()
-    scale = weights / torch.where(total == 0, torch.ones_like(total), total)
+    scale = token_scale(h.shape[0], token_weight, codes != ignore_index, h.device)
     return _fused_linear_ce_op(h, weight, bias, codes.contiguous(), scale, CE_CHUNK_ROWS, CE_BLOCK_K)[0]
 
 

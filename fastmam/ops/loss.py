@@ -29,23 +29,33 @@ class LossOutput(NamedTuple):
 IGNORE_INDEX = -100
 
 
-def counted_weights(num_tokens: int, token_weight: torch.Tensor | None, codes: torch.Tensor | None = None,
-                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor | None:
-    """Per-token fp32 weights of a mean, 0 where ``codes == ignore_index``; None for a plain mean."""
-    w = None if token_weight is None else token_weight.reshape(num_tokens).to(torch.float32)
-    if codes is not None:
-        counted = (codes.reshape(num_tokens) != ignore_index).to(torch.float32)
-        w = counted if w is None else w * counted
-    return w
+def token_scale(num_tokens: int, token_weight: torch.Tensor | None, counted: torch.Tensor | None = None,
+                device=None) -> torch.Tensor:
+    """(M,) fp32 d(mean)/d(per-token loss) of ``weighted_mean``: w_i [counted_i] / sum of those, 0 for every token
+    when they sum to 0 (the fused kernels take it per row)."""
+    w = torch.ones(num_tokens, device=device) if token_weight is None else token_weight.reshape(-1).float()
+    if counted is not None:
+        w = w * counted
+    total = w.sum()
+    return w / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """sum_i w_i l_i / sum_i w_i (a plain mean without weights). A mean over nothing — no tokens, all weights 0,
-    every code ignored — is defined as 0 with zero gradients, on every backend (PyTorch's mean would give NaN)."""
-    if weights is None:
-        return per_token.sum() / max(1, per_token.numel())
-    total = weights.sum()
-    return (per_token * weights).sum() / torch.where(total == 0, torch.ones_like(total), total)
+def weighted_mean(per_token: torch.Tensor, token_weight: torch.Tensor | None = None,
+                  counted: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i l_i / sum_i w_i over the tokens ``counted`` ((M,) bool, e.g. codes != ignore_index; their
+    ``per_token`` must be 0 otherwise, as ``F.cross_entropy`` gives), w = 1 without ``token_weight``.
+
+    A mean over nothing (no tokens, all weights 0, no token counted) is defined as 0 with zero gradients, on
+    every backend (PyTorch's mean would give NaN)."""
+    if token_weight is None:
+        if counted is None:
+            return per_token.sum() / max(1, per_token.numel())
+        return per_token.sum() / counted.sum().clamp_min(1).to(torch.float32)
+    w = token_weight.reshape(-1).to(torch.float32)
+    if counted is not None:
+        w = w * counted
+    total = w.sum()
+    return (per_token * w).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def motion_term(motion_pred, motion_target, num_tokens: int, token_weight, like: torch.Tensor) -> torch.Tensor:
@@ -54,7 +64,7 @@ def motion_term(motion_pred, motion_target, num_tokens: int, token_weight, like:
         return like.new_zeros(())
     values = motion_pred.numel() // max(1, num_tokens)  # per token; the shapes are checked equal
     diff = motion_pred.reshape(num_tokens, values).to(torch.float32) - motion_target.reshape(num_tokens, values).float()
-    return weighted_mean(diff.square().mean(dim=-1), counted_weights(num_tokens, token_weight))
+    return weighted_mean(diff.square().mean(dim=-1), token_weight)
 
 
 def dual_decoder_loss_reference(
@@ -87,12 +97,12 @@ def _dual_decoder_loss_reference(appearance_hidden, head_weight, head_bias, appe
             pred = pred + head_bias.to(torch.float32)
         if appearance_target.is_floating_point():
             per_token = (pred - appearance_target.reshape(pred.shape).to(torch.float32)).square().mean(dim=-1)
-            weights = counted_weights(m, token_weight)
+            counted = None
         else:
             codes = appearance_target.reshape(-1).long()
             per_token = F.cross_entropy(pred, codes, reduction="none", ignore_index=ignore_index)
-            weights = counted_weights(m, token_weight, codes, ignore_index)
-        appearance = weighted_mean(per_token, weights)
+            counted = codes != ignore_index
+        appearance = weighted_mean(per_token, token_weight, counted)
         motion = motion_term(motion_pred, motion_target, m, token_weight, appearance)
     return LossOutput(appearance_weight * appearance + motion_weight * motion, appearance, motion)
 
