@@ -6,6 +6,11 @@ They may differ only by the fp32 summation order of the gradient reduction carri
 steps: measured 8e-6 of the distance the parameters moved on this machine (2026-11-22, torch 2.13 CPU,
 DeepSpeed 0.19.8). The bound is 1e-4; a run with the learning rate changed by 0.1% must exceed it, so the
 comparison can see a real difference.
+
+The logged losses are compared the same way: the same order-of-summation differences reach them (CI on a
+loaded machine once saw ZeRO-1's step-3 loss 1 fp32 ulp from ZeRO-0's), so a loss may differ from ZeRO-0's
+by BOUND of how far ZeRO-0's loss has moved since the first step, plus a few fp32 ulps of the loss for the
+rounding of the loss itself. Exact equality across stages is not something DeepSpeed promises.
 """
 
 import json
@@ -34,6 +39,16 @@ RUNS = {
     "z0_lr": "deepspeed.zero_stage=0,optim.base_lr=0.04004",
 }
 BOUND = 1e-4
+#: fp32 ulps of a loss allowed on top of BOUND (the loss's own rounding; the first step has moved nothing)
+LOSS_ULPS = 4
+
+
+def loss_deviation(losses: list[float], ref: list[float]) -> float:
+    """max over steps of |loss - ref| / allowance, allowance = BOUND x |ref - ref[0]| + LOSS_ULPS ulps of ref:
+    <= 1 when ``losses`` follow ``ref`` as closely as the parameters must."""
+    eps = torch.finfo(torch.float32).eps
+    return max(abs(a - b) / (BOUND * abs(b - ref[0]) + LOSS_ULPS * eps * abs(b))
+               for a, b in zip(losses, ref, strict=True))
 
 
 def _final_params(run: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +103,9 @@ def test_zero_stages_and_offload_train_the_same_model(tmp_path):
         rel = ((flat(params) - end).norm() / moved).item()
         if name == "z0_lr":
             assert rel > BOUND, f"a 0.1% learning-rate change moved the parameters by only {rel:.3g} (bound {BOUND})"
-            assert losses[name][:1] == losses["z0"][:1]  # same data and weights; the updates differ
+            assert loss_deviation(losses[name][:1], losses["z0"][:1]) <= 1  # same data and weights at step 1
+            assert loss_deviation(losses[name], losses["z0"]) > 1, (
+                f"a 0.1% learning-rate change kept the losses within the bound: {losses[name]} vs {losses['z0']}")
         else:
-            assert losses[name] == losses["z0"], (name, losses[name], losses["z0"])
+            assert loss_deviation(losses[name], losses["z0"]) <= 1, (name, losses[name], losses["z0"])
             assert rel <= BOUND, f"{name}: parameters differ from ZeRO-0's by {rel:.3g} of the distance moved"
