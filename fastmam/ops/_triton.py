@@ -12,15 +12,10 @@ import importlib.util
 import torch
 
 from . import _backend
-from ._checks import clip_geometry
+from ._checks import clip_geometry, stat_list
 from .gather import GatherInputs, MaskedPatches, mask_clip
 from .loss import LossOutput, _dual_decoder_loss_reference, motion_term, token_scale
 from .targets import Diff, TargetInputs, target_rows
-
-
-def _floats(values: tuple[float, ...] | None) -> list[float] | None:
-    """Validated per-channel statistics (``stat_values``) as the custom ops' ``float[]``, or None."""
-    return None if values is None else list(values)
 
 
 def _kernels():
@@ -200,8 +195,8 @@ def tube_mask_gather_triton(clip, noise, tubelet, patch, out_dtype, layout, mask
 
 def target_triton(clip, next_clip, tubelet, patch, normalize, layout, diff: Diff, args: TargetInputs):
     """Both target ops (``diff`` as in ``targets.Diff``) on validated inputs."""
-    return _masked_target_op(clip, next_clip, args.ids, tubelet, patch, normalize, _floats(args.mean),
-                             _floats(args.std), layout, int(diff))
+    return _masked_target_op(clip, next_clip, args.ids, tubelet, patch, normalize, stat_list(args.mean),
+                             stat_list(args.std), layout, int(diff))
 
 
 if importlib.util.find_spec("triton") is not None:
