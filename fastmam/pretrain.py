@@ -25,6 +25,7 @@ if os.path.dirname(_here) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -42,18 +43,40 @@ from fastmam.config import (  # noqa: E402
     resolve_precision,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
+from fastmam.data.annotations import AnnotationError  # noqa: E402
 from fastmam.data.code_cache import CacheError  # noqa: E402
+from fastmam.data.dali import UnsupportedCodec  # noqa: E402
 from fastmam.data.health import BadDataError, DataHealth  # noqa: E402
+from fastmam.data.video import VideoDataset  # noqa: E402
 from fastmam.memory import count_parameters, estimate_memory, largest_block_params  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
 from fastmam.models.vqgan import CheckpointMismatch, MissingCheckpoint  # noqa: E402
 from fastmam.optim import NonFiniteGuard, build_optimizer  # noqa: E402
 
+#: what the process's exit status means (``--help`` lists it; so does the README's Pretraining section)
+EXIT_STATUSES = {
+    0: "finished (schedule.steps reached)",
+    1: "an unexpected error (a Python traceback follows)",
+    2: "a configuration or file error: an unknown key or bad value, a missing or malformed annotation list, VQGAN "
+       "checkpoint or code cache, a codec DALI cannot read, a run folder holding checkpoints without --resume",
+    3: "bad data: more than data.max_bad_fraction of the list could not be read (examples in the message; all of "
+       "them in <run>/bad_videos.rank<r>.tsv)",
+    4: "non-finite loss or gradients (safety.nonfinite)",
+}
+
+
+class RunFolderInUse(RuntimeError):
+    """The run folder holds checkpoints of an earlier run and --resume was not passed."""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    statuses = [textwrap.fill(what, 79, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
+                for code, what in EXIT_STATUSES.items()]
+    epilog = "exit status:\n" + "\n".join(statuses)
     p = argparse.ArgumentParser(
         description="fastmam pretraining (MAM2 / VideoMAE). Overrides: key.sub=value, e.g. optim.base_lr=3e-4",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default="tiny", help="preset name (configs/<name>.yaml) or YAML path [tiny]")
     p.add_argument("--resume", action="store_true",
@@ -85,7 +108,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     ckpt_dir = run_dir / "checkpoints"
     start_tag = checkpointing.latest_tag(ckpt_dir)
     if start_tag is not None and not resume:
-        raise RuntimeError(
+        raise RunFolderInUse(
             f"{run_dir} already holds checkpoints (latest {start_tag}); pass --resume to continue that run, "
             "or choose another output_dir / name"
         )
@@ -132,9 +155,12 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     loader = build_loader(cfg, dataset, dist.rank, dist.world_size, step * accum, total * accum,
                           pin_memory=cfg.data.pin_memory and dist.device.type == "cuda", device=dist.device)
     batches = iter(loader)
-    # bad videos: replaced by the loader, logged once here, counted, fatal only past data.max_bad_fraction
+    # bad videos: replaced by the loader, logged once here, counted, fatal only past data.max_bad_fraction; the
+    # record of bad files is continued only by the attempt that resumes from a checkpoint
     health = DataHealth(len(dataset), cfg.data.max_bad_fraction, log=lambda m: print(f"fastmam[rank {dist.rank}]: {m}",
-                        flush=True), record=run_dir / f"bad_videos.rank{dist.rank}.tsv")
+                        flush=True), record=run_dir / f"bad_videos.rank{dist.rank}.tsv",
+                        resume=resume and start_tag is not None,
+                        paths=dataset.videos.paths if isinstance(dataset, VideoDataset) else ())
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard, start_step=step)
     progress = None
     if dist.is_main and cfg.logging.progress_bar:
@@ -240,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, resume=args.resume)
-    except (MissingCheckpoint, CheckpointMismatch, CacheError) as exc:  # the VQGAN tokenizer's file, the code cache
+    # the VQGAN tokenizer's file, the code cache, the annotation list, DALI on CPU with H.264, the run folder
+    except (MissingCheckpoint, CheckpointMismatch, CacheError, AnnotationError, UnsupportedCodec,
+            RunFolderInUse) as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 2
     except BadDataError as exc:

@@ -6,8 +6,9 @@ them) decoded frame counts. Formats (``data.list_format``):
 - ``videomae`` — VideoMAE's K400 / SSv2 / UCF101 / HMDB51 lists: one video per line,
   ``path label`` separated by a space (VideoMAE's files are named ``train.csv`` but are
   space-separated). An optional third column is the decoded frame count, as written by
-  ``python -m fastmam.data.prepare``; VideoMAE's own readers ignore it. A line that also holds
-  commas (``path,label``) is accepted.
+  ``python -m fastmam.data.prepare``; VideoMAE's own readers ignore it, and so do the loaders,
+  which sample from the file's own count (``decode.probe``: the file may have changed since the list
+  was written). A line that also holds commas (``path,label``) is accepted.
 - ``ucf101`` — the official split files: ``trainlist0N.txt`` (``Class/v_Class_gXX_cYY.avi 1``,
   1-based labels) or ``testlist0N.txt`` (path only). Labels come from ``classInd.txt`` next to
   the list when it is there, else from the sorted class folder names.

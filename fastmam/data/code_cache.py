@@ -30,8 +30,9 @@ Writing appends only: a batch of videos is appended to ``codes.u16`` and fsynced
 are appended (and fsynced), so every index line names data that is on disk. An interrupted build is
 resumed by running the same command again: index lines after a torn one and data past the last indexed
 video are dropped, and the build continues with the next video. The loaders refuse a cache without its
-``complete`` line. Videos that cannot be decoded are recorded as bad and counted; in training they are
-replaced like any bad video (``DataHealth``), as is a video that the cache does not hold.
+``complete`` line. Videos that ``decode.probe`` finds bad (the rule ``prepare`` and the loaders apply) or
+that fail to decode are recorded as bad, with their reason, and counted; in training they are replaced like
+any bad video (``DataHealth``), as is a video that the cache does not hold.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import BadVideo
+from .decode import BadVideo, decoding_failed, open_video, probe
 
 FORMAT = "fastmam-codes/1"
 CODES_FILE = "codes.u16"
@@ -206,12 +207,12 @@ class CodeCache:
 
 
 def _frames_pyav(path: str, chunk: int):
-    """Every frame of a video in decode order, in arrays of up to ``chunk`` frames (n, H, W, 3) uint8."""
+    """Every frame of a video in decode order, in arrays of up to ``chunk`` frames (n, H, W, 3) uint8; a file that
+    ``decode.probe`` finds bad raises its ``BadVideo`` first, with the reason the loaders and ``prepare`` give."""
     import av
 
-    from .decode import _open_pyav, _why
-
-    container = _open_pyav(path)
+    probe(path)
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame threads: a whole video is decoded in order
@@ -224,7 +225,7 @@ def _frames_pyav(path: str, chunk: int):
         if buf:
             yield np.stack(buf)
     except av.error.FFmpegError as exc:
-        raise BadVideo(f"decoding failed: {_why(exc)}") from None
+        raise decoding_failed(exc) from None
     finally:
         container.close()
 

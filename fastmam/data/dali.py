@@ -3,7 +3,8 @@
 Planning stays in Python and uses the dataset's own functions (``VideoDataset.plan``, ``crops``,
 ``replacement``), so DALI decodes exactly the frames and crops that ``dataset[(index, epoch)]`` would:
 for every key of a micro-step, the replace loop tries attempts 0, 1, ... of ``video.MAX_ATTEMPTS``;
-the frame size and codec come from the container header (PyAV, no decoding, cached per path); then
+the frame count, frame size and codec come from the one prober (``decode.probe`` through
+``VideoDataset.info``: the same rule for a bad file as the CPU loaders and ``prepare``); then
 the k = ``repeated_sampling`` crop boxes are drawn from the plan's generator, after ``plan()``, as the
 CPU path draws them after decoding.
 
@@ -13,8 +14,8 @@ T indices, followed by the T next indices for dense motion), and for each of the
 semantics) -> ``fn.flip``. Batches are fed with ``feed_input`` in sampler order, with one batch
 decoding ahead of the one being consumed (``prefetch_queue_depth`` 2).
 
-Bad data is never fatal. A file that fails planning (missing, zero bytes, not a video, too short
-under ``short_videos: skip``) is replaced as on the CPU path. A file that passes planning but that
+Bad data is never fatal. A file that fails planning (bad by ``decode.probe``'s rule, too short under
+``short_videos: skip``) is replaced as on the CPU path, with the same reason. A file that passes planning but that
 DALI fails to decode raises inside DALI for the whole batch: the loader then decodes the batch's
 plans with PyAV to find the culprits (all of the batch's files when none fail there), reports and
 replaces them, rebuilds the pipeline and decodes the batch again.
@@ -34,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .decode import BadVideo, check_file, count_frames_pyav, decode_pyav
+from .decode import BadVideo, decode_pyav
 from .loader import StepBatchSampler
 from .sampling import TooShort
-from .video import MAX_ATTEMPTS, SamplePlan, VideoDataset
+from .video import MAX_ATTEMPTS, SamplePlan, VideoDataset, all_attempts_failed
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,6 @@ _CPU_CODEC_HINT = "DALI's CPU decoder reads only VP8, VP9 and MJPEG; use data.ba
 
 class UnsupportedCodec(ValueError):
     """A configuration error: DALI's CPU decoder cannot read the codec of the listed videos."""
-
-
-@dataclass(frozen=True)
-class _Probe:
-    """What the container header says about a file's first video stream."""
-
-    height: int
-    width: int
-    codec: str
 
 
 @dataclass
@@ -133,7 +125,6 @@ class DaliLoader:
         self.spec = dataset.spec
         self.num_threads = max(1, cfg.data.num_workers)
         self.decode_threads = cfg.data.decode_threads
-        self._probes: dict[str, _Probe] = {}
         self._pipe = None
         self._primed = False  # the pipeline has had its first (prefetching) run
         self._pending = 0  # batches fed but not yet run (only before the first run)
@@ -146,30 +137,6 @@ class DaliLoader:
         return len(self.sampler)
 
     # ------------------------------------------------------------------ planning
-
-    def probe(self, path: str) -> _Probe:
-        """Frame size and codec from the container header (no decoding); ``BadVideo`` if it cannot be read."""
-        got = self._probes.get(path)
-        if got is not None:
-            return got
-        import av
-
-        check_file(path)
-        try:
-            container = av.open(path, metadata_errors="ignore")
-        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-            raise BadVideo(f"not a readable video: {exc}") from None
-        try:
-            if not container.streams.video:
-                raise BadVideo("no video stream")
-            ctx = container.streams.video[0].codec_context
-            got = _Probe(int(ctx.height), int(ctx.width), str(ctx.name))
-        finally:
-            container.close()
-        if got.height <= 0 or got.width <= 0:
-            raise BadVideo(f"no frame size in the stream header ({got.width}x{got.height})")
-        self._probes[path] = got
-        return got
 
     def _check_codec(self, path: str, codec: str) -> None:
         if not self.gpu and codec not in CPU_CODECS:
@@ -184,8 +151,8 @@ class DaliLoader:
         for attempt in range(first_attempt, MAX_ATTEMPTS):
             path = ds.videos.paths[ds.replacement(index, epoch, attempt)]
             try:
-                plan = ds.plan(index, epoch, attempt, count_fn=count_frames_pyav)
-                head = self.probe(path)
+                plan = ds.plan(index, epoch, attempt)
+                head = ds.info(path)  # probed by plan(): cached
                 self._check_codec(path, head.codec)
                 plan.boxes = ds.crops(plan, head.height, head.width)  # exactly once, after plan(): CPU's stream
                 codes = ds.cached_codes(plan, head.height, head.width)
@@ -200,12 +167,7 @@ class DaliLoader:
                 continue
             wanted = plan.indices if plan.next_indices is None else np.concatenate([plan.indices, plan.next_indices])
             return _Item(index, epoch, attempt, plan, wanted.astype(np.int32), encoded, codes, bad)
-        examples = "\n  ".join(f"{p}: {r}" for p, r in bad[:8])
-        raise RuntimeError(
-            f"{MAX_ATTEMPTS} videos in a row could not be read for sample {index}; the list or the files are "
-            f"broken:\n  {examples}\ncheck data.train_list and data.data_root, or rebuild the list with "
-            "`python -m fastmam.data.prepare`"
-        )
+        raise all_attempts_failed(index, bad)
 
     def _plan_batch(self, keys) -> _Batch:
         return _Batch([self._plan_item(int(i), int(e), 0, []) for i, e in keys])

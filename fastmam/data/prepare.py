@@ -17,8 +17,10 @@ The list has one line per usable video, sorted by path::
     relative/path/to/video.mp4 LABEL NUM_FRAMES
 
 with the path relative to the data root (ROOT, or OUT_DIR with ``--reencode``). VideoMAE's readers use the
-first two columns only; NUM_FRAMES (frames in the first video stream) is an extra. Videos that cannot be read
-are left out and reported on stderr as ``skipped <path>: <reason>``.
+first two columns only; NUM_FRAMES (frames in the first video stream) is an extra. Videos that are bad by the rule
+the loaders and the code cache apply too (``fastmam.data.decode.probe``: unreadable, not a video, no video stream,
+no frames, truncated, damaged, first frame not decodable) are left out and reported on stderr as
+``skipped <path>: <reason>``, with the reason worded as the loaders word it.
 
 ``--reencode OUT_DIR`` transcodes every usable video to a small, seek-friendly copy (short side
 ``--short-side``, a keyframe every ``--gop`` frames, yuv420p, no audio) under the same relative path; this is
@@ -44,6 +46,8 @@ from pathlib import Path
 
 import av
 from tqdm import tqdm
+
+from .decode import BadVideo, open_video, probe
 
 __all__ = ["CODECS", "VIDEO_EXTS", "count_frames", "main", "reencode", "scaled_size", "scan_videos", "write_list"]
 
@@ -146,79 +150,20 @@ def scan_videos(root: str | os.PathLike, exts: Iterable[str] | None = None, flat
 # --------------------------------------------------------------------------------------------------- probing
 
 
-def _av_reason(err: BaseException) -> str:
-    """A short human reason for an av / OS error (its message without the errno and file name)."""
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
-
-
-def _open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
-    """Open ``path`` and return (container, first video stream); ValueError says why it is not a usable video."""
-    if path.stat().st_size == 0:  # also raises the OSError for a missing or unreachable file
-        raise ValueError("empty file (0 bytes)")
-    try:
-        container = av.open(str(path))
-    except OSError:
-        raise  # permission denied, missing file, I/O error: the OS message is the reason
-    except av.error.FFmpegError as err:
-        raise ValueError(f"not a readable video ({_av_reason(err)})") from err
-    if not container.streams.video:
-        container.close()
-        raise ValueError("no video stream (audio-only or not a video)")
-    return container, container.streams.video[0]
-
-
 def count_frames(path: str | os.PathLike, exact: bool = False) -> int:
-    """Number of frames in the first video stream of ``path``.
+    """Number of frames in the first video stream of ``path``: ``fastmam.data.decode.probe(path, exact).frames``.
 
     The default counts the non-empty packets of the stream (one per frame; demuxing reads no pixels, so this is
-    cheap) and decodes only until the first frame, to be sure the codec works. ``exact`` decodes every frame
-    and counts them: slower, but catches damage in the middle of the stream. Either way a file holding fewer
-    frames than its header lists (a cut-off download) is rejected, since readers that trust the header (decord)
-    would fail on it.
+    cheap) and decodes only the first frame, to be sure the codec works. ``exact`` decodes every frame and counts
+    them: slower, but catches damage in the middle of the stream. Either way the file must pass the one rule for
+    a bad video that the loaders and the code cache apply too (``fastmam.data.decode``'s docstring), e.g. a file
+    holding fewer frames than its header lists (a cut-off download) is rejected.
 
     Raises:
-        ValueError: the file is not a usable video; the message says why (empty, not a video, no video stream,
-            no frames, damaged, truncated).
-        OSError: the file cannot be read (missing, permission denied).
+        BadVideo: the file is not a usable video; the message is the reason (missing, permission denied, empty,
+            not a video, no video stream, no frames, damaged, truncated), worded as the loaders word it.
     """
-    container, stream = _open_video(Path(path))
-    with container:
-        return _count(container, stream, exact)
-
-
-def _count(container: av.container.InputContainer, stream: av.video.stream.VideoStream, exact: bool) -> int:
-    if exact:
-        stream.thread_type = "AUTO"  # frame threading: decoding every frame is the whole cost here
-    packets, decoded, decode_error = 0, 0, None
-
-    def decode(packet: av.Packet | None) -> None:
-        nonlocal decoded, decode_error
-        try:
-            decoded += len(stream.codec_context.decode(packet))
-        except av.error.FFmpegError as err:
-            if exact:
-                raise ValueError(f"damaged: decoding stopped after {decoded} frames ({_av_reason(err)})") from err
-            decode_error = err  # a damaged leading packet; later ones may still decode
-
-    try:
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer ends with an empty packet that only flushes the decoder
-                continue
-            packets += 1
-            if exact or not decoded:  # the cheap count only checks that one frame decodes
-                decode(packet)
-    except av.error.FFmpegError as err:
-        raise ValueError(f"damaged: reading stopped after {packets} frames ({_av_reason(err)})") from err
-    if packets == 0:
-        raise ValueError("the video stream has no frames")
-    if stream.frames and packets < stream.frames:  # 0 where the container does not say (mkv, webm, mpeg-ps)
-        raise ValueError(f"truncated: the header lists {stream.frames} frames but only {packets} are in the file")
-    if exact or not decoded:
-        decode(None)  # a decoder with delay (B-frames, threads) holds frames until flushed
-    if not decoded:
-        detail = f" ({_av_reason(decode_error)})" if decode_error is not None else ""
-        raise ValueError(f"none of its {packets} frames can be decoded{detail}")
-    return decoded if exact else packets
+    return probe(path, exact).frames
 
 
 # --------------------------------------------------------------------------------------------------- re-encoding
@@ -254,7 +199,8 @@ def reencode(src: str | os.PathLike, dst: str | os.PathLike, short_side: int = 3
         threads: codec threads per video; 0 lets FFmpeg choose (use 1 when many videos run in parallel).
 
     Raises:
-        ValueError: bad arguments, or ``src`` is not a usable video (the message says why).
+        ValueError: bad arguments, or ``src`` has no decodable frame or no frame size.
+        BadVideo: ``src`` cannot be opened as a video (the message says why).
         OSError, av.error.FFmpegError: reading ``src`` or writing ``dst`` failed.
     """
     if codec not in CODECS:
@@ -281,8 +227,9 @@ def reencode(src: str | os.PathLike, dst: str | os.PathLike, short_side: int = 3
 
 def _transcode(src: Path, tmp: Path, short_side: int, gop: int, codec: str, crf: int, threads: int) -> None:
     encoder, _, fmt, extra = CODECS[codec]
-    container, in_stream = _open_video(src)
+    container = open_video(src)
     with container:
+        in_stream = container.streams.video[0]
         in_stream.thread_type = "AUTO"
         in_stream.thread_count = threads
         width, height = in_stream.codec_context.width, in_stream.codec_context.height
@@ -352,6 +299,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------- jobs
 
 
+def _av_reason(err: BaseException) -> str:
+    """A short human reason for an av / OS error (its message without the errno and file name)."""
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
 @dataclass(frozen=True)
 class _Job:
     """One video: probe ``src``, or (with ``dst``) re-encode it to ``dst`` and probe the result."""
@@ -376,14 +328,16 @@ def _run_job(job: _Job) -> tuple[int | None, str | None]:
         if dst.exists() and not job.overwrite:
             try:  # done by an earlier run (outputs only ever appear complete)
                 return count_frames(dst, job.exact), None
-            except (ValueError, OSError):
+            except BadVideo:
                 pass  # not ours or damaged since: make it again
         count_frames(job.src)  # cheap, and gives a clearer reason for a bad source than a failed transcode
         try:
             frames = reencode(job.src, dst, job.short_side, job.gop, job.codec, job.crf, threads=job.threads)
-        except (ValueError, OSError, av.error.FFmpegError) as err:
+        except (BadVideo, ValueError, OSError, av.error.FFmpegError) as err:
             return None, f"re-encoding failed: {_av_reason(err)}"
         return (count_frames(dst, exact=True) if job.exact else frames), None
+    except BadVideo as err:
+        return None, str(err)
     except (ValueError, OSError, av.error.FFmpegError) as err:
         return None, _av_reason(err)
     except Exception as err:  # an unforeseen failure on one file must not lose the hours spent on the others

@@ -1,10 +1,12 @@
 """Real-video dataset for the CPU loaders (PyAV, decord), with bad files replaced, never fatal.
 
 An item is keyed by ``(index, epoch)`` (the loader's sampler passes both) and is a pure function of
-(seed, index, epoch): frame indices and crops come from ``sampling``. When a video cannot give its
-frames (missing, zero bytes, not a video, truncated, too short under ``short_videos: skip``), the
-attempt is recorded and the sample is replaced by another video drawn from (seed, index, epoch,
-attempt), so the batch stays full and resumed runs stay exact. Items report in ``"bad"``, as
+(seed, index, epoch): frame indices and crops come from ``sampling``. Every file is probed once per
+process before its first use (``decode.probe``: the one rule for a bad file, shared with ``prepare``,
+DALI and the code cache; its frame count is the one sampled from). When a video cannot give its frames
+(bad by that rule, failing to decode, too short under ``short_videos: skip``), the attempt is recorded
+and the sample is replaced by another video drawn from (seed, index, epoch, attempt), so the batch
+stays full and resumed runs stay exact. Items report in ``"bad"``, as
 ``(path, reason)`` pairs, their own file when it failed and replacements newly found bad; the
 training loop (``DataHealth``) logs each file once, counts them in the metrics and stops the run
 past ``data.max_bad_fraction``.
@@ -25,7 +27,8 @@ from torch.utils.data import Dataset
 
 from .annotations import VideoList
 from .code_cache import CodeCache
-from .decode import BadVideo, decoder
+from .decode import BadVideo, VideoInfo, decoder, probe
+from .health import BadDataError
 from .sampling import (
     CropBox,
     SamplingSpec,
@@ -64,9 +67,9 @@ class VideoDataset(Dataset):
         self.videos, self.spec, self.backend = videos, spec, backend
         self.decode_threads = decode_threads
         self.codes = codes
-        # DALI decodes on its own; PyAV still counts frames for planning and re-checks files DALI failed on
-        self._count, self._decode = decoder("pyav" if backend == "dali" else backend)
-        self._frames: dict[int, int] = {}  # per process: frame counts probed so far
+        # DALI decodes on its own; PyAV re-checks the files DALI failed on
+        self._decode = decoder("pyav" if backend == "dali" else backend)
+        self._info: dict[str, VideoInfo] = {}  # per process: files probed good so far
         self._bad: dict[str, str] = {}  # per process: files already found bad (skipped at once)
 
     def __len__(self) -> int:
@@ -74,12 +77,12 @@ class VideoDataset(Dataset):
 
     # ------------------------------------------------------------------ planning (shared with DALI)
 
-    def num_video_frames(self, index: int, count_fn=None) -> int:
-        n = self.videos.num_frames[index] or self._frames.get(index)
-        if n is None:
-            n = (count_fn or self._count)(self.videos.paths[index])
-            self._frames[index] = n
-        return n
+    def info(self, path: str) -> VideoInfo:
+        """``decode.probe(path)``, once per process; ``BadVideo`` for a bad file."""
+        got = self._info.get(path)
+        if got is None:
+            got = self._info[path] = probe(path)
+        return got
 
     def replacement(self, index: int, epoch: int, attempt: int) -> int:
         """The video tried at ``attempt`` for sample ``index``: attempt 0 is the video itself, then distinct
@@ -97,15 +100,15 @@ class VideoDataset(Dataset):
             a += 1
         return vid
 
-    def plan(self, index: int, epoch: int, attempt: int, count_fn=None) -> SamplePlan:
+    def plan(self, index: int, epoch: int, attempt: int) -> SamplePlan:
         """Frame indices of one attempt; raises ``BadVideo`` / ``TooShort`` for a file that cannot serve."""
         vid = self.replacement(index, epoch, attempt)
         path = self.videos.paths[vid]
         if path in self._bad:
             raise BadVideo(self._bad[path])
+        n = self.info(path).frames
         if self.codes is not None:
             self.codes.entry(path)  # a video without cached codes is bad data here, found before decoding
-        n = self.num_video_frames(vid, count_fn)
         rng = sample_rng(self.spec.seed, index, epoch, attempt)
         s = self.spec
         indices = sample_frame_indices(n, s.num_frames, s.stride, rng, s.short_videos)
@@ -159,12 +162,17 @@ class VideoDataset(Dataset):
                 continue
             item.update(label=plan.label, index=plan.index, bad=bad)
             return item
-        examples = "\n  ".join(f"{p}: {r}" for p, r in bad[:8])
-        raise RuntimeError(
-            f"{MAX_ATTEMPTS} videos in a row could not be read for sample {index}; the list or the files are "
-            f"broken:\n  {examples}\ncheck data.train_list and data.data_root, or rebuild the list with "
-            "`python -m fastmam.data.prepare`"
-        )
+        raise all_attempts_failed(index, bad)
+
+
+def all_attempts_failed(index: int, bad: list[tuple[str, str]]) -> BadDataError:
+    """The error of a sample for which ``MAX_ATTEMPTS`` videos in a row were bad (``bad``: their paths, reasons)."""
+    examples = "\n  ".join(f"{p}: {r}" for p, r in bad[:8])
+    return BadDataError(
+        f"{MAX_ATTEMPTS} videos in a row could not be read for sample {index}; the list or the files are "
+        f"broken:\n  {examples}\ncheck data.train_list and data.data_root, or rebuild the list with "
+        "`python -m fastmam.data.prepare`"
+    )
 
 
 def collate_clips(items: list[dict]) -> dict:

