@@ -5,7 +5,6 @@ value (the bound of the K-term sums the kernel computes in another order).
 """
 
 import importlib.util
-import math
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from fastmam import ops
 from fastmam.ops import _triton
+from tests.ops.numerics import assert_close_to_exact
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e '.[test]')")
@@ -34,13 +34,6 @@ def _exact(h, w, b, codes, mp, mt, wa, wm, tw):
     return total, grads
 
 
-def _check(name, got, ref, exact, k):
-    err_ref = (ref.double() - exact).abs().max().item()
-    atol = max(4.0, math.log2(k)) * torch.finfo(torch.float32).eps * exact.abs().max().item()
-    err = (got.double() - exact).abs().max().item()
-    assert err <= 2 * err_ref + atol, f"{name}: max err {err:.3g} > {2 * err_ref + atol:.3g} (reference {err_ref:.3g})"
-
-
 @pytest.mark.parametrize("block_k", [32, 1024])
 @pytest.mark.parametrize("chunk", [7, 4096])
 @pytest.mark.parametrize("m,da,k,dm", [(1, 8, 5, 3), (37, 24, 97, 19), (64, 32, 257, 12)])
@@ -60,12 +53,12 @@ def test_fused_ce_matches(m, da, k, dm, chunk, block_k, dtype, rng, monkeypatch)
     fused = ops.dual_decoder_loss(*args, backend="triton")
     assert all(t.dtype == torch.float32 and t.shape == () for t in fused)
     exact, exact_grads = _exact(*args)
-    _check("total", fused.total, ref.total, exact, k)
+    assert_close_to_exact(fused.total, ref.total, exact, reduction=k, name="total")
     ref_grads = torch.autograd.grad(ref.total, (h, w, b, mp))
     fused_grads = torch.autograd.grad(fused.total, (h, w, b, mp))
     for name, g, r, e in zip(("h", "W", "b", "motion_pred"), fused_grads, ref_grads, exact_grads, strict=True):
         assert g.dtype == dtype and g.shape == r.shape
-        _check(f"grad {name}", g, r, e, k)
+        assert_close_to_exact(g, r, e, reduction=k, name=f"grad {name}")
 
 
 def test_fused_ce_shapes_bias_and_terms(rng):

@@ -6,13 +6,13 @@ bound of a pairwise sum, which the kernel computes in another order); ids and ma
 """
 
 import importlib.util
-import math
 
 import pytest
 import torch
 
 from fastmam import ops
 from tests.conftest import random_clip
+from tests.ops.numerics import tolerance
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e '.[test]')")
@@ -24,11 +24,8 @@ SHAPES = [((1, 2, 14, 21, 3), 2, 7), ((3, 6, 24, 40, 3), 3, 8), ((2, 2, 32, 48, 
 
 
 def _bound(kernel, ref, exact, reduction=1):
-    err_ref = (ref.double() - exact).abs().max().item()
-    ulps = max(4.0, math.log2(reduction))
-    atol = ulps * torch.finfo(torch.float32).eps * exact.abs().max().item()
-    err = (kernel.double() - exact).abs()
-    return err, 2 * err_ref + atol
+    """(elementwise error of ``kernel``, the bound of tests/ops/numerics.py's rule)."""
+    return (kernel.double() - exact).abs(), tolerance(ref, exact, reduction=reduction)[0]
 
 
 def _masked(shape, patch, ratio, tubelet, rng):
