@@ -1,11 +1,14 @@
 # The few commands people need (see README.md).
-.PHONY: install test lint tiny
+.PHONY: install test test-fast lint tiny
 
 install:
 	pip install -e ".[test]"
 
 test:
 	pytest
+
+test-fast:
+	pytest -m "not slow"
 
 lint:
 	ruff check .
