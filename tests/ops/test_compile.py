@@ -60,3 +60,32 @@ def test_compiled_dual_decoder_loss_with_backward(backend, rng):
     assert torch.allclose(eager, compiled, rtol=1e-5)
     for g, c in zip(grads, cgrads, strict=True):
         assert torch.allclose(g, c, atol=1e-6)
+
+
+def _custom_op_cases(rng):
+    clip = torch.randint(0, 256, (2, 4, 16, 24, 3), dtype=torch.uint8, generator=rng).to(DEVICE)
+    ids = torch.tensor([[0, 5, 11], [3, 4, 7]], device=DEVICE)
+    h = torch.randn(7, 8, generator=rng).to(DEVICE).requires_grad_()
+    w = torch.randn(11, 8, generator=rng).to(DEVICE).requires_grad_()
+    b = torch.randn(11, generator=rng).to(DEVICE).requires_grad_()
+    codes = torch.randint(0, 11, (7,), generator=rng).to(DEVICE)
+    return {
+        "gather_normalize": (clip, ids, 2, 8, list(MEAN), list(STD), torch.float16, "BTHWC"),
+        "masked_target": (clip, None, ids, 2, 8, True, None, None, "BTHWC", 1),
+        "masked_target_dense": (clip, clip.flip(1).contiguous(), ids, 2, 8, False, None, None, "BTHWC", 2),
+        "copy_rows": (torch.randn(2, 12, 5, generator=rng).to(DEVICE).requires_grad_(), ids, 3, False),
+        "copy_rows_scatter": (torch.randn(2, 3, 5, generator=rng).to(DEVICE).requires_grad_(), ids, 12, True),
+        "fused_linear_ce": (h, w, b, codes, torch.full((7,), 1 / 7, device=DEVICE), 4, 8),
+    }
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed: the custom ops wrap its kernels")
+@pytest.mark.parametrize("case", ["gather_normalize", "masked_target", "masked_target_dense", "copy_rows",
+                                  "copy_rows_scatter", "fused_linear_ce"])
+def test_custom_ops_pass_opcheck(case, rng):
+    """PyTorch's own check of a custom op: schema (no undeclared mutation), fake implementation against the real
+    one, autograd registration, and AOT dispatch with dynamic shapes."""
+    from fastmam.ops import _triton  # noqa: F401  (registers torch.ops.fastmam.*)
+
+    op = getattr(torch.ops.fastmam, case.removesuffix("_dense").removesuffix("_scatter")).default
+    torch.library.opcheck(op, _custom_op_cases(rng)[case])
