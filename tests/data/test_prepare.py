@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
 from fastmam.data import prepare
 from fastmam.data.decode import BadVideo
 from fastmam.data.prepare import count_frames, main, reencode, scaled_size, scan_videos, write_list
+from tests.data.videos import audio_only
 
 BAD_REASONS = {
     "dogs/empty.mp4": "empty file",
@@ -216,16 +216,8 @@ def test_count_frames_reasons(dataset, clips, tmp_path):
     with pytest.raises(BadVideo, match="missing file"):
         count_frames(tmp_path / "missing.mp4")
 
-    # an audio-only .mp4
-    audio = tmp_path / "audio.mp4"
-    with av.open(str(audio), "w") as out:
-        stream = out.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
     with pytest.raises(BadVideo, match="no video stream"):
-        count_frames(audio)
+        count_frames(audio_only(tmp_path / "audio.mp4"))
 
     # cut off mid-download with the index at the front: the header promises more frames than the file holds
     whole = tmp_path / "faststart.mp4"
