@@ -27,6 +27,7 @@ if os.path.dirname(_here) not in sys.path:
     sys.path.append(os.path.dirname(_here))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,7 +41,6 @@ from fastmam.config import Config, load_config  # noqa: E402
 from fastmam.models import attention  # noqa: E402
 from fastmam.models.tokenizer import code_frames  # noqa: E402
 from fastmam.models.vqgan import TINY_F8, VQGANTokenizer  # noqa: E402
-from fastmam.ops import _backend  # noqa: E402
 
 
 def bench_config(quick: bool) -> tuple[Config, int]:
@@ -264,6 +264,22 @@ def tokenizer_rows(cfg: Config, batch: int, device: torch.device, dtype: torch.d
     return [encode, cached, online]
 
 
+def fused_impls(op: str, device: torch.device) -> list[tuple[str, object]]:
+    """(backend, callable) of each fused backend of ``op`` to time: on a GPU only (the Triton interpreter on CPU
+    measures nothing useful), through the public op (its one input check included, as users call it). A backend
+    this build lacks is said in a line, not silently dropped."""
+    impls = []
+    if device.type != "cuda":
+        return impls
+    for backend in ("triton", "cuda"):
+        if backend in ops.available(op):
+            impls.append((backend, functools.partial(getattr(ops, op), backend=backend)))
+        else:
+            print(f"bench: no '{backend}' implementation of {op} in this build (available: "
+                  f"{', '.join(ops.available(op))}); its rows are skipped", flush=True)
+    return impls
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (CI)")
@@ -298,10 +314,7 @@ def main(argv=None) -> int:
         impls = [("reference", case.reference), *case.impls]
         if args.compile:
             impls.append(("compile(reference)", torch.compile(case.reference)))
-        # fused kernels: timed only on a GPU (the Triton interpreter on CPU measures nothing useful)
-        for backend in ("triton", "cuda"):
-            if device.type == "cuda" and backend in ops.available(case.name):
-                impls.append((backend, _backend.resolve(case.name, backend, device)[1]))
+        impls.extend(fused_impls(case.name, device))
         for impl, fn in impls:
             rows.extend(time_case(case, impl, fn, device, copy_gbs, env, dtype))
     if not args.no_step:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench.throughput import main
+from bench.throughput import fused_impls, main
 
 
 def test_quick_benchmark_writes_rows_and_plot(tmp_path, capsys):
@@ -95,3 +95,21 @@ def test_loader_rows_per_backend(tmp_path, capsys):
         assert r["op"] == "loader" and r["clips_per_s"] > 0
         assert abs(r["frames_per_s"] - 8 * r["clips_per_s"]) < 1e-6 * r["frames_per_s"]  # tiny_video: T = 8
     assert "frames_per_s" in capsys.readouterr().out
+
+
+def test_a_missing_fused_backend_is_said_not_dropped(capsys):
+    """On a GPU each fused backend of an op is timed; one this build lacks (here: no fastmam._C, so no 'cuda')
+    prints a line instead of leaving its rows out silently. No GPU is needed to choose what to time."""
+    import torch
+
+    from fastmam import ops
+
+    impls = dict(fused_impls("pixel_target", torch.device("cuda")))
+    out = capsys.readouterr().out
+    for backend in ("triton", "cuda"):
+        if backend in ops.available("pixel_target"):
+            assert backend in impls
+        else:
+            assert backend not in impls
+            assert f"no '{backend}' implementation of pixel_target in this build" in out
+    assert fused_impls("pixel_target", torch.device("cpu")) == []  # the interpreter is not timed

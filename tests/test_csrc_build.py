@@ -282,10 +282,9 @@ LOAD_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(NVCC is None or CXX is None, reason=NO_CXX if NVCC else NO_NVCC)
-@pytest.mark.skipif(importlib.util.find_spec("fastmam._C") is not None,
-                    reason="fastmam._C is built here: its ops are registered already, tests/ops/test_cuda.py runs them")
-def test_ops_load_into_cpu_torch(builds):
+@pytest.fixture(scope="module")
+def stub_library(builds):
+    """ops.cpp linked with CPU stand-ins for the kernels into a library CPU torch can load (lazily)."""
     tmp, results = builds
     _assert_built(results, "ops.cpp")
     _assert_built(results, "stub")
@@ -294,8 +293,48 @@ def test_ops_load_into_cpu_torch(builds):
     rc, log, _ = _run([CXX, "-shared", "-o", str(lib), str(tmp / "ops.o"), str(tmp / "stub.o"), f"-L{lib_dir}",
                        "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"])
     assert rc == 0, log
+    return lib
+
+
+def _run_python(code: str, lib: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("FASTMAM_CUDA_LIBRARY", None)
-    proc = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(lib)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
+NEEDS_STUB = [
+    pytest.mark.skipif(NVCC is None or CXX is None, reason=NO_CXX if NVCC else NO_NVCC),
+    pytest.mark.skipif(importlib.util.find_spec("fastmam._C") is not None,
+                       reason="fastmam._C is built here: its ops are registered already, tests/ops/test_cuda.py runs "
+                              "them"),
+]
+
+
+@NEEDS_STUB[0]
+@NEEDS_STUB[1]
+def test_ops_load_into_cpu_torch(stub_library):
+    proc = _run_python(LOAD_CHECK, stub_library)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr[-6000:]
+
+
+REGISTRATION_CHECK = textwrap.dedent("""
+    import ctypes, os, sys
+    # Lazy binding: ops.cpp's calls into libc10_cuda (absent from CPU torch) are never made here
+    ctypes.CDLL(sys.argv[1], mode=os.RTLD_LAZY | os.RTLD_GLOBAL)
+    import fastmam.ops as ops  # the public import alone, as a user's code does it
+    missing = [op for op in ("tube_mask_gather", "pixel_target", "rgb_diff_target") if "cuda" not in ops.available(op)]
+    assert not missing, f"the public import did not register the CUDA backend of {missing}"
+    print("ok")
+""")
+
+
+@NEEDS_STUB[0]
+@NEEDS_STUB[1]
+def test_public_import_registers_the_cuda_backend(stub_library):
+    """A fresh interpreter with the compiled ops present (here the CMake-style library named by
+    FASTMAM_CUDA_LIBRARY; fastmam._C takes the same path once imported): ``import fastmam.ops`` alone must make
+    the 'cuda' backend available, without importing fastmam.ops._cuda by hand."""
+    proc = _run_python(REGISTRATION_CHECK, stub_library, {"FASTMAM_CUDA_LIBRARY": str(stub_library)})
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr[-6000:]

@@ -48,4 +48,7 @@ __all__ = [
     "tube_masking_reference",
 ]
 
-from . import _triton  # noqa: E402,F401  (registers the Triton backend when triton is importable)
+from . import (
+    _cuda,  # noqa: E402,F401  (registers the CUDA C++ backend when fastmam._C is built)
+    _triton,  # noqa: E402,F401  (registers the Triton backend when triton is importable)
+)
