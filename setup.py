@@ -39,10 +39,12 @@ def cuda_extensions():
         return [], {}
     archs = os.environ.get("FASTMAM_CUDA_ARCH", "80;90").replace(",", ";").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    # no -std here: torch's BuildExtension adds the standard its own headers need when none is given (C++20 in
+    # torch 2.13 and 2.14, whose headers use <compare> and concepts); forcing C++17 broke the build against 2.14
     ext = CUDAExtension(
         "fastmam._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension}
 
