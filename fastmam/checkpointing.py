@@ -11,11 +11,11 @@ complete.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from .distributed import barrier
+from .fileio import write_text_atomic
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -23,15 +23,6 @@ LATEST = "latest"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -72,8 +63,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()  # every rank's shards are on disk before the checkpoint is declared complete
     if is_main:
-        _atomic_write(ckpt_dir / tag / MARKER, f"{step}\n")
-        _atomic_write(ckpt_dir / LATEST, tag)
+        write_text_atomic(ckpt_dir / tag / MARKER, f"{step}\n")
+        write_text_atomic(ckpt_dir / LATEST, tag)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             if old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)

@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from ..fileio import write_text_atomic
+
 
 class BadDataError(RuntimeError):
     """Too large a fraction of the dataset is unreadable; the message lists examples and the fix."""
@@ -75,9 +77,7 @@ class DataHealth:
                 self.bad[path] = reason
                 kept.append(line)
         if unlisted or changed:
-            tmp = self.record.with_name(f".{self.record.name}.{os.getpid()}.part")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, self.record)
+            write_text_atomic(self.record, "".join(f"{line}\n" for line in kept))
         self.log(f"{self.record.name}: {len(self.bad)} bad file(s) of the resumed run still count"
                  + (f"; not counted: {unlisted} no longer in the list, {changed} changed since (read again)"
                     if unlisted or changed else ""))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +46,7 @@ from pathlib import Path
 import av
 from tqdm import tqdm
 
+from ..fileio import temporary_path, write_text_atomic
 from .decode import BadVideo, open_video, probe
 
 __all__ = ["CODECS", "VIDEO_EXTS", "count_frames", "main", "reencode", "scaled_size", "scan_videos", "write_list"]
@@ -214,7 +214,7 @@ def reencode(src: str | os.PathLike, dst: str | os.PathLike, short_side: int = 3
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # unique per process and call, hidden and without a video extension so a scan never lists it
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    tmp = temporary_path(dst)
     try:
         _transcode(Path(src), tmp, short_side, gop, codec, crf, threads)
         frames = count_frames(tmp)  # counted from the file itself, which also checks that it reads back
@@ -282,18 +282,9 @@ def write_list(path: str | os.PathLike, rows: Iterable[tuple[str, int, int]]) ->
         if any(c.isspace() for c in rel):
             raise ValueError(f"path {rel!r} contains whitespace, which the space-separated list cannot hold; rename it")
         lines.append(f"{rel} {int(label)} {int(frames)}\n")
-    _write_text_atomic(Path(path), "".join(lines))
+    write_text_atomic(Path(path), "".join(lines))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------- jobs
@@ -507,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     write_list(out, rows)
-    _write_text_atomic(out.parent / "classes.txt", "".join(f"{name}\n" for name in classes))
+    write_text_atomic(out.parent / "classes.txt", "".join(f"{name}\n" for name in classes))
     base = Path(out_dir or root)
     print(f"wrote {out} (paths relative to {base}) and {out.parent / 'classes.txt'}")
     if base.resolve() != out.parent.resolve():

@@ -301,9 +301,11 @@ def test_flat_patches_normalize_to_exact_zero(backend, layout, rng):
         assert torch.all(mot[flat] == 0), mot[flat].abs().max()
     else:
         assert torch.all(mot[flat & flat_pixels] == 0), mot[flat & flat_pixels].abs().max()
-    # the near-flat token: within a few fp32 ulps of its (large) float64 value, on every backend
+    # the near-flat token: within a few fp32 ulps of its largest float64 value, on every backend. Measured here
+    # (CPU, 5-20 clips): the reference up to 2.1 ulps, Triton (interpreter) up to 5.1; the bound is 16. Before the
+    # shift, the fp32 mean's rounding was amplified by 1 / std (std ~ 1/255 / sqrt(128) here)
     for diff, got in ((False, pix), (True, mot)):
         exact = _exact_normalized(clip, ids, layout, mean, std, diff).reshape(2, 8, -1, 3)
         err = (got[0, 1].double() - exact[0, 1]).abs().max().item()
-        bound = 64 * torch.finfo(torch.float32).eps * exact[0, 1].abs().max().item()
+        bound = 16 * torch.finfo(torch.float32).eps * exact[0, 1].abs().max().item()
         assert err <= bound, f"near-flat token: max err {err:.3g}, bound {bound:.3g}"
