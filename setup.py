@@ -9,10 +9,42 @@ one line and everything runs on the reference / Triton paths.
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
+
+
+def _toolkit_of(nvcc: str) -> str | None:
+    """The CUDA toolkit that ``nvcc`` belongs to: its parent folder when that holds the headers, else the folder
+    nvcc itself reports (``nvcc -dryrun`` prints ``TOP=``), which finds the toolkit behind a wrapper script."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if glob.glob(os.path.join(root, "include", "cuda_runtime.h")) or glob.glob(
+        os.path.join(root, "targets", "*", "include", "cuda_runtime.h")
+    ):
+        return root
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(top.group(1).strip()) if top else None  # TOP is the toolkit root (bin/..)
+
+
+def _set_cuda_home() -> None:
+    """torch guesses CUDA_HOME as the folder above the first ``nvcc`` on PATH; where that nvcc is a wrapper outside
+    the toolkit (``/usr/local/bin/nvcc``), ``cuda_runtime.h`` is then not found. Give torch the real toolkit
+    unless the user set CUDA_HOME / CUDA_PATH."""
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    home = _toolkit_of(nvcc)
+    if home is not None and home != os.path.dirname(os.path.dirname(nvcc)):
+        print(f"fastmam: CUDA_HOME={home} (the toolkit of {nvcc})", file=sys.stderr)
+        os.environ["CUDA_HOME"] = home
 
 
 def cuda_extensions():
@@ -24,6 +56,7 @@ def cuda_extensions():
     elif not sources:
         reason = "csrc/ has no sources yet"
     else:
+        _set_cuda_home()  # before torch.utils.cpp_extension reads it
         try:
             import torch
             from torch.utils.cpp_extension import BuildExtension, CUDAExtension

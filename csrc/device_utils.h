@@ -124,9 +124,11 @@ inline cudaError_t multiprocessor_count(int* count) {
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
-// Blocks each kernel is compiled to keep resident per SM (__launch_bounds__): 4 x 256 threads caps
-// registers at 64 per thread, half of sm_80/sm_90's 2048 threads; with kUnroll loads in flight per
-// thread that hides DRAM latency. Grids are sized from it.
-inline constexpr int kBlocksPerSM = 4;
+// Blocks each kernel is compiled to keep resident per SM (__launch_bounds__): 3 x 256 threads caps
+// registers at 80 per thread (65536 / 768, rounded down to ptxas's granule), 37.5% of sm_80/sm_90's
+// 2048 threads; with kUnroll loads in flight per thread that hides DRAM latency. 4 blocks (64
+// registers) made ptxas spill 4-24 bytes per thread in both kernels (ptxas -v, checked by
+// tests/test_csrc_build.py::test_kernels_use_no_local_memory). Grids are sized from it.
+inline constexpr int kBlocksPerSM = 3;
 
 }  // namespace fastmam::device

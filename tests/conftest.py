@@ -34,6 +34,15 @@ def pytest_report_header(config):
     return f"fastmam test data seed: FASTMAM_TEST_SEED={os.environ.get('FASTMAM_TEST_SEED', '')!r} (empty: CI's)"
 
 
+def runnable_backends(op: str) -> tuple[str, ...]:
+    """The backends of ``op`` that can run on the tests' tensors here: all of ``fastmam.ops.available(op)`` on a GPU
+    machine; without a GPU, not ``cuda`` (its kernels take CUDA tensors only, while a CUDA torch builds and registers
+    them on any machine)."""
+    from fastmam import ops
+
+    return tuple(b for b in ops.available(op) if b != "cuda" or torch.cuda.is_available())
+
+
 def random_clip(shape, generator, dtype=torch.uint8):
     """Random data, never zeros: zeros would hide outputs a kernel forgot to write."""
     if dtype == torch.uint8:

@@ -98,8 +98,9 @@ def test_loader_rows_per_backend(tmp_path, capsys):
 
 
 def test_a_missing_fused_backend_is_said_not_dropped(capsys):
-    """On a GPU each fused backend of an op is timed; one this build lacks (here: no fastmam._C, so no 'cuda')
-    prints a line instead of leaving its rows out silently. No GPU is needed to choose what to time."""
+    """On a GPU each fused backend of an op is timed; one this build lacks
+    prints a line instead of leaving its rows out silently (without fastmam._C: no 'cuda'). No GPU is needed to choose
+    what to time."""
     import torch
 
     from fastmam import ops

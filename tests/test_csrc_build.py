@@ -41,6 +41,9 @@ CXX = shutil.which(os.environ.get("CXX", "g++"))
 NO_NVCC = "nvcc is not on PATH: the CUDA sources are compiled only where the CUDA toolkit is installed"
 NO_CXX = "no C++ compiler (g++ or $CXX) on PATH"
 
+# the standard torch's cpp_extension compiles extensions with (C++20 since torch 2.13: its headers use <compare> and
+# concepts); setup.py leaves the choice to it
+STD = "-std=c++20"
 # Our code's warnings are errors; in torch's and CUDA's headers (-isystem) they are not ours to fix.
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 NVCC_WARNINGS = ["-Werror", "all-warnings", "-Xcompiler", ",".join(WARNINGS)]
@@ -141,19 +144,20 @@ def builds(tmp_path_factory):
     jobs = {}
     if NVCC:
         includes = _torch_includes(tmp / "shim")
-        nvcc = [NVCC, "-std=c++17", "-O3", *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *_defines(),
-                *includes, *NVCC_WARNINGS]
+        # -Xptxas=-v: ptxas reports each kernel's registers, stack frame, spills and shared memory (checked below)
+        nvcc = [NVCC, STD, "-O3", *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *_defines(),
+                *includes, *NVCC_WARNINGS, "-Xptxas=-v"]
         for src in CU_SOURCES:  # the slowest first
             for arch in ARCHS:
                 gencode = ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
                 obj = tmp / f"{src.stem}.{arch}.o"
                 jobs[f"{src.name}-sm_{arch}"] = [*nvcc, *gencode, "-c", str(src), "-o", str(obj)]
         (tmp / "walk.cu").write_text(WALK_CHECK)
-        jobs["walk"] = [NVCC, "-std=c++17", *NVCC_WARNINGS, "-I", str(CSRC), str(tmp / "walk.cu"), "-o",
+        jobs["walk"] = [NVCC, STD, *NVCC_WARNINGS, "-I", str(CSRC), str(tmp / "walk.cu"), "-o",
                         str(tmp / "walk")]
     if NVCC and CXX:
         cuda_include = ["-isystem", str(_cuda_root() / "include")]
-        cxx = [CXX, "-std=c++17", "-O2", "-fPIC", *WARNINGS, *_defines(), *_torch_includes(tmp / "shim"),
+        cxx = [CXX, STD, "-O2", "-fPIC", *WARNINGS, *_defines(), *_torch_includes(tmp / "shim"),
                *cuda_include]
         for src in CPP_SOURCES:
             jobs[src.name] = [*cxx, "-c", str(src), "-o", str(tmp / f"{src.stem}.o")]
@@ -188,6 +192,76 @@ def test_nvcc_compiles(builds, source, arch):
 @pytest.mark.parametrize("source", [p.name for p in CPP_SOURCES])
 def test_cxx_compiles(builds, source):
     _assert_built(builds[1], source)
+
+
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_USED = re.compile(r"Used (\d+) registers")
+PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def ptxas_resources(log: str) -> list[dict]:
+    """Per kernel of one ``nvcc -Xptxas=-v`` log: name (demangled where c++filt exists), arch, registers, stack
+    frame, spill stores/loads and static shared memory in bytes."""
+    kernels, current = [], None
+    for line in log.splitlines():
+        if m := PTXAS_ENTRY.search(line):
+            current = {"kernel": m.group(1), "arch": m.group(2), "registers": None, "stack": 0, "spill_stores": 0,
+                       "spill_loads": 0, "smem": 0}
+            kernels.append(current)
+        elif current is not None and (m := PTXAS_FRAME.search(line)):
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        elif current is not None and (m := PTXAS_USED.search(line)):
+            current["registers"] = int(m.group(1))
+            if smem := PTXAS_SMEM.search(line):
+                current["smem"] = int(smem.group(1))
+    if kernels and shutil.which("c++filt"):
+        names = subprocess.run(["c++filt", "-p"], input="\n".join(k["kernel"] for k in kernels), capture_output=True,
+                               text=True).stdout.splitlines()
+        for k, name in zip(kernels, names, strict=True):
+            k["kernel"] = name
+    return kernels
+
+
+@pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+def test_kernels_use_no_local_memory(builds):
+    """ptxas's resource report of every kernel of csrc/ for sm_80 and sm_90 (printed: ``pytest -s``): a spill or a
+    stack frame puts per-thread data in local memory (DRAM through L1), which our kernels are written to avoid."""
+    tmp, results = builds
+    rows = []
+    for src in CU_SOURCES:
+        for arch in ARCHS:
+            name = f"{src.name}-sm_{arch}"
+            _assert_built(results, name)
+            found = ptxas_resources(results[name][1])
+            assert found, f"no ptxas resource report in the log of {name}:\n{results[name][1][-3000:]}"
+            assert {k["arch"] for k in found} == {f"sm_{arch}"}, found
+            rows += [(src.name, k) for k in found]
+    print("\nsource  arch  regs  stack  spill st/ld  smem  kernel")
+    for src, k in rows:
+        print(f"{src}  {k['arch']}  {k['registers']}  {k['stack']}  {k['spill_stores']}/{k['spill_loads']}  "
+              f"{k['smem']}  {k['kernel']}")
+    local = [(src, k) for src, k in rows if k["stack"] or k["spill_stores"] or k["spill_loads"]]
+    assert not local, f"kernels with a stack frame or spills (local memory): {local}"
+    assert all(k["registers"] is not None for _, k in rows), rows
+
+
+def test_ptxas_report_parser_sees_spills():
+    """The parser reads what ptxas prints; a spill must not slip through as zero."""
+    log = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+        ptxas info    : Function properties for _Z3fooPf
+            16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+        ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'
+        ptxas info    : Function properties for _Z3barv
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 12 registers, used 0 barriers, 400 bytes cmem[0]
+        """)
+    foo, bar = ptxas_resources(log)
+    assert (foo["registers"], foo["stack"], foo["spill_stores"], foo["spill_loads"], foo["smem"]) == (255, 16, 8, 4,
+                                                                                                      4096)
+    assert (bar["registers"], bar["stack"], bar["smem"], bar["arch"]) == (12, 0, 0, "sm_90")
 
 
 @pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
@@ -240,6 +314,17 @@ LOAD_CHECK = textwrap.dedent("""
     lib.impl("tube_mask_gather", lambda *a: tuple(ops.tube_mask_gather_reference(*a)), "CPU")
     lib.impl("pixel_target", ops.pixel_target_reference, "CPU")
     lib.impl("rgb_diff_target", ops.rgb_diff_target_reference, "CPU")
+    # torch.library.opcheck on every op: schema (no undeclared mutation or aliasing), fake implementation against
+    # the op's output (here the reference's, which the kernels must match: shapes, strides, dtypes), autograd
+    # registration and AOT dispatch. The real kernels need a GPU: tests/ops/test_cuda.py runs opcheck there.
+    cases = {
+        "tube_mask_gather": [(clip, noise, 0.5, 2, 7, MEAN, STD, torch.bfloat16, "BTHWC")],
+        "pixel_target": [(clip, ids, 2, 7), (clip, ids, 2, 7, False)],
+        "rgb_diff_target": [(clip, ids, 2, 7), (clip, ids, 2, 7, True, nxt)],
+    }
+    for name, arg_sets in cases.items():
+        for args in arg_sets:
+            torch.library.opcheck(getattr(torch.ops.fastmam_cuda, name).default, args)
     assert _backend.available("tube_mask_gather")[-1] == "cuda"
     # the backend as the public ops call it, after their one validation (a CPU tensor never reaches 'cuda' there)
     def tube_mask_gather_cuda(clip, noise, ratio, t, p, mean, std, out_dtype=torch.float32, layout="BTHWC",
@@ -282,9 +367,16 @@ LOAD_CHECK = textwrap.dedent("""
 """)
 
 
+#: the real extension, where a CUDA torch built it (pip install -e . --no-build-isolation)
+BUILT_C = importlib.util.find_spec("fastmam._C")
+
+
 @pytest.fixture(scope="module")
-def stub_library(builds):
-    """ops.cpp linked with CPU stand-ins for the kernels into a library CPU torch can load (lazily)."""
+def ops_library(builds):
+    """The compiled ops to check: the real ``fastmam._C`` where it is built (a CUDA build of torch), else ops.cpp
+    linked with CPU stand-ins for the kernels into a library CPU torch can load (lazily)."""
+    if BUILT_C is not None:
+        return Path(BUILT_C.origin)
     tmp, results = builds
     _assert_built(results, "ops.cpp")
     _assert_built(results, "stub")
@@ -304,25 +396,25 @@ def _run_python(code: str, lib: Path, extra_env: dict[str, str] | None = None) -
                           timeout=300)
 
 
-NEEDS_STUB = [
-    pytest.mark.skipif(NVCC is None or CXX is None, reason=NO_CXX if NVCC else NO_NVCC),
-    pytest.mark.skipif(importlib.util.find_spec("fastmam._C") is not None,
-                       reason="fastmam._C is built here: its ops are registered already, tests/ops/test_cuda.py runs "
-                              "them"),
-]
+NEEDS_LIBRARY = pytest.mark.skipif(
+    BUILT_C is None and (NVCC is None or CXX is None),
+    reason="fastmam._C is not built and the stub library cannot be: " + (NO_CXX if NVCC else NO_NVCC))
 
 
-@NEEDS_STUB[0]
-@NEEDS_STUB[1]
-def test_ops_load_into_cpu_torch(stub_library):
-    proc = _run_python(LOAD_CHECK, stub_library)
+@NEEDS_LIBRARY
+def test_ops_load_and_match_their_fakes(ops_library):
+    """The library loads (the schemas parse, the C++ signatures match them), the fake implementations give the
+    references' shapes and dtypes, and the Python wrappers pass every argument in the schema's order: with the
+    real fastmam._C where it is built, else with stub kernels. No GPU: CPU stand-ins run in the kernels' place."""
+    proc = _run_python(LOAD_CHECK, ops_library)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr[-6000:]
 
 
 REGISTRATION_CHECK = textwrap.dedent("""
     import ctypes, os, sys
-    # Lazy binding: ops.cpp's calls into libc10_cuda (absent from CPU torch) are never made here
-    ctypes.CDLL(sys.argv[1], mode=os.RTLD_LAZY | os.RTLD_GLOBAL)
+    if os.environ.get("FASTMAM_CUDA_LIBRARY"):
+        # Lazy binding: the stub's calls into libc10_cuda (absent from CPU torch) are never made here
+        ctypes.CDLL(sys.argv[1], mode=os.RTLD_LAZY | os.RTLD_GLOBAL)
     import fastmam.ops as ops  # the public import alone, as a user's code does it
     missing = [op for op in ("tube_mask_gather", "pixel_target", "rgb_diff_target") if "cuda" not in ops.available(op)]
     assert not missing, f"the public import did not register the CUDA backend of {missing}"
@@ -330,11 +422,11 @@ REGISTRATION_CHECK = textwrap.dedent("""
 """)
 
 
-@NEEDS_STUB[0]
-@NEEDS_STUB[1]
-def test_public_import_registers_the_cuda_backend(stub_library):
-    """A fresh interpreter with the compiled ops present (here the CMake-style library named by
-    FASTMAM_CUDA_LIBRARY; fastmam._C takes the same path once imported): ``import fastmam.ops`` alone must make
-    the 'cuda' backend available, without importing fastmam.ops._cuda by hand."""
-    proc = _run_python(REGISTRATION_CHECK, stub_library, {"FASTMAM_CUDA_LIBRARY": str(stub_library)})
+@NEEDS_LIBRARY
+def test_public_import_registers_the_cuda_backend(ops_library):
+    """A fresh interpreter with the compiled ops present (the real fastmam._C where it is built; else the stub as a
+    CMake-style library named by FASTMAM_CUDA_LIBRARY, which takes the same path): ``import fastmam.ops`` alone
+    must make the 'cuda' backend available, without importing fastmam.ops._cuda by hand."""
+    env = {} if BUILT_C is not None else {"FASTMAM_CUDA_LIBRARY": str(ops_library)}
+    proc = _run_python(REGISTRATION_CHECK, ops_library, env)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr[-6000:]

@@ -274,3 +274,22 @@ def test_compute_sanitizer(tool, tmp_path):
         assert "ERROR SUMMARY: 0 errors" in out, out[-8000:]
     else:
         assert re.search(r"SUMMARY: 0 (errors|hazards)", out), out[-8000:]
+
+
+def test_opcheck_on_the_gpu(rng):
+    """torch.library.opcheck with the real kernels: schema, fake implementations against their outputs (shapes,
+    strides, dtypes), autograd registration and AOT dispatch. tests/test_csrc_build.py runs the same checks with CPU
+    stand-ins (the references) on machines without a GPU."""
+    clip = random_clip((2, 4, 28, 42, 3), rng).cuda()
+    noise = torch.rand(2, 24, generator=rng).cuda()
+    ids = ops.tube_mask_gather_reference(clip, noise, 0.5, 2, 7, MEAN, STD).ids_masked
+    nxt = random_clip(clip.shape, rng).cuda()
+    for op, args in (
+        (torch.ops.fastmam_cuda.tube_mask_gather.default, (clip, noise, 0.5, 2, 7, list(MEAN), list(STD),
+                                                           torch.bfloat16, "BTHWC")),
+        (torch.ops.fastmam_cuda.pixel_target.default, (clip, ids, 2, 7)),
+        (torch.ops.fastmam_cuda.pixel_target.default, (clip, ids, 2, 7, False)),
+        (torch.ops.fastmam_cuda.rgb_diff_target.default, (clip, ids, 2, 7)),
+        (torch.ops.fastmam_cuda.rgb_diff_target.default, (clip, ids, 2, 7, True, nxt)),
+    ):
+        torch.library.opcheck(op, args)

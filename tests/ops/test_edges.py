@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from fastmam import ops
-from tests.conftest import random_clip
+from tests.conftest import random_clip, runnable_backends
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _backends(op):
-    return ops.available(op)
+    return runnable_backends(op)
 
 
 def _loss_inputs(m, da, k, dm, rng, dtype=torch.float32):

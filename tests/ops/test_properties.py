@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from fastmam import ops
+from tests.conftest import runnable_backends
 from tests.ops.numerics import assert_close_to_exact, assert_equal, interpreter_rounding_floor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +84,8 @@ def property_test(kind: str):
 
 def _fused(*names: str) -> list[str]:
     """The backends other than the reference that implement every op in ``names``."""
-    return [b for b in ops.available(names[0]) if b != "reference" and all(b in ops.available(n) for n in names)]
+    return [b for b in runnable_backends(names[0])
+            if b != "reference" and all(b in runnable_backends(n) for n in names)]
 
 
 def _same(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -655,7 +657,7 @@ def _check_masking(m: ops.Masking, b: int, n: int, hidden: int) -> None:
     assert not bool(m.mask.gather(1, m.ids_keep).any()), "a token in ids_keep is hidden in mask"
 
 
-@pytest.mark.parametrize("backend", ops.available("tube_masking"))
+@pytest.mark.parametrize("backend", runnable_backends("tube_masking"))
 @property_test("masking")
 @given(case=masking_cases())
 def test_tube_masking_definition(backend, case):
@@ -669,7 +671,7 @@ def test_tube_masking_definition(backend, case):
         assert set(grid[i, 0].nonzero().flatten().tolist()) == positions, f"sample {i}: not the largest noise"
 
 
-@pytest.mark.parametrize("backend", ops.available("random_masking"))
+@pytest.mark.parametrize("backend", runnable_backends("random_masking"))
 @property_test("masking")
 @given(case=masking_cases())
 def test_random_masking_definition(backend, case):
