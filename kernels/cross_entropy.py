@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CE_BLOCK_K, cross_entropy_params, launch
+
 
 @triton.jit
 def _ce_fwd_grad_kernel(
@@ -48,11 +50,11 @@ def _ce_fwd_grad_kernel(
         tl.store(base + k, g * scale, mask=k < K)
 
 
-def ce_fwd_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, block_k: int = 1024):
+def ce_fwd_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, block_k: int = CE_BLOCK_K):
     """Launcher: per-row CE of fp32 ``logits`` (R, K) -> (R,) losses; ``logits`` becomes the scaled gradient."""
     rows, k = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _ce_fwd_grad_kernel[(rows,)](logits, targets, scale, loss, k, logits.stride(0),
-                                     BLOCK_K=min(block_k, triton.next_power_of_2(k)))
+        launch(_ce_fwd_grad_kernel, (rows,), (logits, targets, scale, loss, k, logits.stride(0)),
+               cross_entropy_params(k, block_k))
     return loss

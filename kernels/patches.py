@@ -14,6 +14,8 @@ import triton.language as tl
 
 from fastmam.ops._checks import channel_stats
 
+from .launch import gather_normalize_params, launch, masked_target_params
+
 
 @triton.jit
 def _token_cell(ids_ptr, pid, WP, HWP, N):
@@ -138,12 +140,10 @@ def gather_normalize(clip, ids, tubelet, patch, mean, std, out_dtype, layout, ge
     if b * k == 0:
         return out
     wp, hwp = w // patch, (h // patch) * (w // patch)
-    _gather_normalize_fwd_kernel[(b * k,)](
-        clip, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
-        k, wp, hwp, hwp * (t // tubelet),
-        *_bthwc_strides(clip, layout), TUBELET=tubelet, PATCH=patch, C=c,
-        BLOCK=triton.next_power_of_2(pv), NORMALIZE=layout == "BTHWC",
-    )
+    args = (clip, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
+            k, wp, hwp, hwp * (t // tubelet), *_bthwc_strides(clip, layout))
+    launch(_gather_normalize_fwd_kernel, (b * k,), args,
+           gather_normalize_params(tubelet, patch, c, normalize=layout == "BTHWC"))
     return out
 
 
@@ -159,11 +159,10 @@ def masked_target(clip, next_clip, ids, tubelet, patch, normalize, mean, std, la
     if mean is None:  # uint8 clips need no statistics; the kernel still takes two pointers
         mean, std = (0.0,) * c, (1.0,) * c
     other = next_clip if next_clip is not None else clip
-    _masked_target_fwd_kernel[(b * m,)](
-        clip, other, ids, out, channel_stats(mean, c, "mean", clip.device), channel_stats(std, c, "std", clip.device),
-        m, w // patch, (h // patch) * (w // patch), (t // tubelet) * (h // patch) * (w // patch),
-        *_bthwc_strides(clip, layout), *_bthwc_strides(other, layout),
-        TUBELET=tubelet, PATCH=patch, C=c, R=rows, BLOCK_R=triton.next_power_of_2(rows),
-        BLOCK_C=triton.next_power_of_2(c), IS_UINT8=clip.dtype == torch.uint8, DIFF=diff, NORMALIZE=normalize,
-    )
+    args = (clip, other, ids, out, channel_stats(mean, c, "mean", clip.device),
+            channel_stats(std, c, "std", clip.device),
+            m, w // patch, (h // patch) * (w // patch), (t // tubelet) * (h // patch) * (w // patch),
+            *_bthwc_strides(clip, layout), *_bthwc_strides(other, layout))
+    launch(_masked_target_fwd_kernel, (b * m,), args,
+           masked_target_params(tubelet, patch, c, rows, clip.dtype == torch.uint8, diff, normalize))
     return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import copy_rows_params, launch
+
 
 @triton.jit
 def _copy_rows_kernel(
@@ -45,7 +47,7 @@ def copy_rows(x: torch.Tensor, ids: torch.Tensor, num_out: int, scatter: bool) -
     k = ids.shape[1]
     out = (torch.zeros if scatter else torch.empty)((b, num_out, d), dtype=x.dtype, device=x.device)
     if b * k * d:
-        _copy_rows_kernel[(b * k,)](x, out, ids, k, d, x.stride(0), x.stride(1), num_out,
-                                    num_out if scatter else x.shape[1], SCATTER=scatter,
-                                    BLOCK_D=min(1024, triton.next_power_of_2(d)))
+        launch(_copy_rows_kernel, (b * k,),
+               (x, out, ids, k, d, x.stride(0), x.stride(1), num_out, num_out if scatter else x.shape[1]),
+               copy_rows_params(d, scatter))
     return out

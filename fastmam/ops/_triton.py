@@ -11,6 +11,8 @@ import importlib.util
 
 import torch
 
+from fastmam.kernels.launch import CE_BLOCK_K
+
 from . import _backend
 from ._checks import clip_geometry, stat_list
 from .gather import GatherInputs, MaskedPatches, mask_clip
@@ -26,8 +28,8 @@ def _kernels():
 
 #: tokens per chunk of the fused cross-entropy: 4096 x 8192 fp32 logits = 128 MiB at a time
 CE_CHUNK_ROWS = 4096
-#: codebook entries per step of the kernel's loop over K
-CE_BLOCK_K = 1024
+# CE_BLOCK_K (codebook entries per step of the kernel's loop over K) is one of the kernels' launch parameters
+# (fastmam.kernels.launch); read here at each call, so that tests can change it
 
 
 # --------------------------------------------------------------------------- torch.library ops
