@@ -8,8 +8,10 @@ variable, else ``auto`` — the fastest implementation available for the input's
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +24,30 @@ GPU_PREFERENCE = ("triton", "cuda", "reference")
 MEASURED_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+class Dispatch(NamedTuple):
+    """One backend choice of ``resolve``: the op, the backend it chose, the device of the op's input."""
+
+    op: str
+    backend: str
+    device: torch.device
+
+
+_RECORDERS: list[list[Dispatch]] = []
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[list[Dispatch]]:
+    """Record every backend choice made inside the block (public ops, and the CUDA backend's hand-offs to another
+    backend), in call order: ``with record_dispatch() as calls: step(...)``, then ``calls`` holds ``Dispatch``
+    entries (blocks may nest; each sees every choice). Outside a block nothing is recorded."""
+    calls: list[Dispatch] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS[:] = [r for r in _RECORDERS if r is not calls]  # by identity: equal lists may nest
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,4 +97,6 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
             f"fastmam.ops.{op}: backend 'cuda' needs CUDA tensors, got a tensor on {device}; "
             "move the inputs to the GPU or use backend='reference'"
         )
+    for calls in _RECORDERS:
+        calls.append(Dispatch(op, choice, torch.device(device)))
     return choice, impls[choice]

@@ -180,7 +180,9 @@ def channel_stats(values: Sequence[float] | torch.Tensor, channels: int, name: s
     would make the host wait for the GPU in every training step."""
     if isinstance(values, torch.Tensor):
         stats = values.to(device=device, dtype=torch.float32).flatten()
-    elif torch.compiler.is_compiling():  # traced once into a graph constant: no copy per call to cache
+    elif torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        # traced once into a graph constant: no copy per call to cache. Under a dispatch mode (FakeTensorMode, a
+        # tracer) the tensor made here belongs to that mode: cached, it would reach later real calls
         stats = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
     else:
         stats = _stats_on(tuple(float(v) for v in values), torch.device(device))

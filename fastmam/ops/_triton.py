@@ -85,8 +85,9 @@ def _fused_linear_ce_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def _fused_linear_ce(h, weight, bias, codes, scale, chunk_rows, block_k, ce_fwd_grad_):
     h32, w32 = h.float(), weight.float()
     b32 = bias.float() if bias is not None else None
-    grad_h = torch.empty_like(h32)
-    grad_w = torch.zeros_like(w32)
+    # contiguous, as the fake implementation declares (empty_like would keep a transposed h's or weight's strides)
+    grad_h = torch.empty(h32.shape, dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros(w32.shape, dtype=torch.float32, device=h.device)
     grad_b = torch.zeros_like(b32) if b32 is not None else h32.new_empty(0)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for r0 in range(0, h.shape[0], chunk_rows):
