@@ -1,8 +1,8 @@
 # The few commands people need (see README.md).
-.PHONY: install test test-fast lint tiny
+.PHONY: install test test-fast lint tiny doctor aot
 
-install:
-	pip install -e ".[test]"
+install:  # a CUDA build of torch compiles fastmam._C too (see README: the test command)
+	pip install --no-build-isolation -e ".[test]"
 
 test:
 	pytest
@@ -15,3 +15,9 @@ lint:
 
 tiny:
 	python fastmam/pretrain.py --config tiny
+
+doctor:
+	python -m fastmam.doctor
+
+aot:
+	python -m fastmam.kernels.aot --arch 80 90

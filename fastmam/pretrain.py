@@ -51,6 +51,7 @@ from fastmam.data.video import VideoDataset  # noqa: E402
 from fastmam.memory import count_parameters, estimate_memory, largest_block_params  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models import Pretrainer  # noqa: E402
+from fastmam.models.attention import AttentionBackendError  # noqa: E402
 from fastmam.models.vqgan import CheckpointMismatch, MissingCheckpoint  # noqa: E402
 from fastmam.optim import NonFiniteGuard, build_optimizer  # noqa: E402
 
@@ -59,7 +60,8 @@ EXIT_STATUSES = {
     0: "finished (schedule.steps reached)",
     1: "an unexpected error (a Python traceback follows)",
     2: "a configuration or file error: an unknown key or bad value, a missing or malformed annotation list, VQGAN "
-       "checkpoint or code cache, a codec DALI cannot read, a run folder holding checkpoints without --resume",
+       "checkpoint or code cache, a codec DALI cannot read, a run folder holding checkpoints without --resume, an "
+       "attention backend (model.attention) that is not installed or cannot run on this device",
     3: "bad data: more than data.max_bad_fraction of the list could not be read (examples in the message; all of "
        "them in <run>/bad_videos.rank<r>.tsv)",
     4: "non-finite loss or gradients (safety.nonfinite)",
@@ -266,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, resume=args.resume)
-    # the VQGAN tokenizer's file, the code cache, the annotation list, DALI on CPU with H.264, the run folder
+    # the VQGAN tokenizer's file, the code cache, the annotation list, DALI on CPU with H.264, the run folder, an
+    # attention backend that cannot run here
     except (MissingCheckpoint, CheckpointMismatch, CacheError, AnnotationError, UnsupportedCodec,
-            RunFolderInUse) as exc:
+            RunFolderInUse, AttentionBackendError) as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 2
     except BadDataError as exc:

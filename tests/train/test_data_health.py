@@ -131,3 +131,14 @@ def test_readme_lists_every_exit_status():
     from fastmam.pretrain import EXIT_STATUSES
 
     assert {int(code) for code in re.findall(r"`(\d)`", sentence)} == set(EXIT_STATUSES), sentence
+
+
+def test_an_attention_backend_that_cannot_run_is_a_configuration_error(tmp_path, capsys):
+    """model.attention=xformers on a CPU machine (xformers has no CPU kernels, and may not be installed) stops
+    before training with the reason and the fix, exit status 2 like every other configuration error."""
+    from fastmam.pretrain import main
+
+    status = main(["--config", "tiny", f"output_dir={tmp_path / 'run'}", "device=cpu", "model.attention=xformers"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "xformers" in err and "model.attention=sdpa" in err, err
