@@ -40,6 +40,8 @@ NVCC = shutil.which("nvcc")
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 NO_NVCC = "nvcc is not on PATH: the CUDA sources are compiled only where the CUDA toolkit is installed"
 NO_CXX = "no C++ compiler (g++ or $CXX) on PATH"
+#: the real extension, where a CUDA torch built it (pip install -e . --no-build-isolation)
+BUILT_C = importlib.util.find_spec("fastmam._C")
 
 # the standard torch's cpp_extension compiles extensions with (C++20 since torch 2.13: its headers use <compare> and
 # concepts); setup.py leaves the choice to it
@@ -246,6 +248,40 @@ def test_kernels_use_no_local_memory(builds):
     assert all(k["registers"] is not None for _, k in rows), rows
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump: on PATH, in the toolkit, or the copy Triton's wheel ships."""
+    found = [shutil.which("cuobjdump")]
+    if NVCC:
+        found.append(str(_cuda_root() / "bin" / "cuobjdump"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        found.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((f for f in found if f and os.access(f, os.X_OK)), None)
+
+
+@pytest.mark.skipif(BUILT_C is None, reason="fastmam._C is not built here (a CPU build of torch, or no nvcc)")
+def test_built_extension_holds_sm80_sm90_code_without_local_memory():
+    """What pip built and a user loads: cubins for sm_80 and sm_90 (setup.py's default FASTMAM_CUDA_ARCH), no
+    kernel with a stack frame or local memory. Also catches a fastmam._C left over from older sources."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the extension's cubins")
+    text = subprocess.run([tool, "-res-usage", BUILT_C.origin], capture_output=True, text=True, timeout=120).stdout
+    kernels, arch, name = [], None, None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            name = m.group(1)
+        elif name and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)):
+            kernels.append((arch, name, *map(int, m.groups())))
+            name = None
+    wanted = {f"sm_{a}" for a in os.environ.get("FASTMAM_CUDA_ARCH", "80;90").replace(",", ";").split(";") if a}
+    assert {k[0] for k in kernels} == wanted, text[-3000:]
+    local = [k for k in kernels if k[3] or k[5]]
+    assert not local, f"kernels with a stack frame or local memory (arch, name, REG, STACK, SHARED, LOCAL): {local}"
+
+
 def test_ptxas_report_parser_sees_spills():
     """The parser reads what ptxas prints; a spill must not slip through as zero."""
     log = textwrap.dedent("""\
@@ -365,10 +401,6 @@ LOAD_CHECK = textwrap.dedent("""
     tube_mask_gather_cuda(clip, noise, 0.5, 2, 7, MEAN, STD, torch.float64)
     print("ok")
 """)
-
-
-#: the real extension, where a CUDA torch built it (pip install -e . --no-build-isolation)
-BUILT_C = importlib.util.find_spec("fastmam._C")
 
 
 @pytest.fixture(scope="module")
