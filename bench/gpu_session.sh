@@ -23,10 +23,12 @@ python3 -m fastmam.doctor --json "$OUT/doctor.json" > "$OUT/doctor.txt" 2>&1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" > "$OUT/versions.txt" 2>&1
 # the extension, in place (fastmam/_C*.so), for the H100/H200 only: one architecture builds in about a minute
-FASTMAM_CUDA_ARCH=90 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+export FASTMAM_CUDA_ARCH=90  # exported: the tests that read the built archs expect this one
+MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc=$?" >> "$OUT/build.log"
 python3 -m fastmam.doctor --json "$OUT/doctor_built.json" > "$OUT/doctor_built.txt" 2>&1
-python3 -m pytest -q -x tests/ops tests/models > "$OUT/pytest_gpu.log" 2>&1
+# no -x: on a one-shot GPU session one failure must not hide the others
+python3 -m pytest -q -rfEs tests/ops tests/models > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
 python3 bench/throughput.py --compile --no-step --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
