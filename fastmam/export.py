@@ -1,6 +1,6 @@
 """Export the pretrained encoder for fine-tuning: ``model.safetensors`` plus ``config.json``.
 
-    python -m fastmam.export runs/mam2_vit_b --out exported/mam2_vit_b              # Hugging Face VideoMAEModel
+    python -m fastmam.export runs/mam2_vit_b --out exported/mam2_vit_b              # Hugging Face VideoMAE
     python -m fastmam.export runs/mam2_vit_b --out exported/vit_b_videomae --format videomae
 
 The input is a run folder (``output_dir`` of ``fastmam/pretrain.py``), its ``checkpoints/`` folder, or one
@@ -9,15 +9,20 @@ checkpoint (``checkpoints/step_00001000``); without ``--tag`` the newest complet
 stages 1-3 (and bf16 runs, whose fp32 master weights live in the optimizer shards) are consolidated to
 fp32 with DeepSpeed's ``zero_to_fp32``; a stage-0 fp32 checkpoint holds the full module. The run's
 ``config.yaml`` (or the config saved inside the checkpoint) gives the architecture. Only the encoder is
-written (patch embedding, blocks, final norm), in fp32:
+written, in fp32; both formats are set up for VideoMAE's fine-tuning recipe, a classifier on the mean of
+all tokens (``use_mean_pooling``: LayerNorm ``fc_norm`` over the token mean, then a Linear; see ``to_hf``):
 
-- ``hf`` (default): Hugging Face ``VideoMAEModel`` names and a ``VideoMAEConfig`` JSON, so that
-  ``VideoMAEModel.from_pretrained(out)`` loads it with no missing or unexpected keys. Our final encoder
-  norm is its ``layernorm`` (``use_mean_pooling: false``); pixel inputs are (B, T, C, H, W), normalized
-  with the run's ``data.mean`` / ``data.std`` (recorded under ``fastmam`` in the JSON).
+- ``hf`` (default): Hugging Face ``VideoMAEModel`` names (patch embedding and blocks) and a ``VideoMAEConfig``
+  JSON with ``use_mean_pooling: true``, so that ``VideoMAEModel.from_pretrained(out)`` and
+  ``VideoMAEForVideoClassification.from_pretrained(out, num_labels=N)`` load it with no missing or unexpected
+  encoder keys (the classifier's ``fc_norm`` and ``classifier`` start fresh). ``VideoMAEModel``'s
+  ``last_hidden_state`` is then the last block's output, without our final encoder norm (not exported).
+  Pixel inputs are (B, T, C, H, W), normalized with the run's ``data.mean`` / ``data.std`` (recorded under
+  ``fastmam`` in the JSON).
 - ``videomae``: the original VideoMAE repository's fine-tuning names (``patch_embed.proj.weight`` as a
   Conv3d kernel, ``blocks.N.attn.qkv.weight``, ``q_bias``, ``v_bias``, ``norm1``, ``mlp.fc1``, ...,
-  ``norm``) and the keyword arguments of its ``VisionTransformer`` in the JSON.
+  ``norm``) and the keyword arguments of its ``VisionTransformer`` in the JSON (``use_mean_pooling: true``,
+  its default; ``norm`` is kept as in VideoMAE's own pretraining checkpoints, for its ``--use_cls`` path).
 
 Our patch embedding is a Linear over (t, p, p, C) patch vectors; as a Conv3d kernel (D, C, t, p, p) it is
 ``W.view(D, t, p, p, C).permute(0, 4, 1, 2, 3)``. Both formats use VideoMAE's fixed sinusoid positions,
@@ -149,13 +154,23 @@ def conv3d_kernel(weight: torch.Tensor, cfg: Config, in_chans: int = 3) -> torch
 
 
 def to_hf(enc: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Our encoder names -> Hugging Face ``VideoMAEModel`` names (q, k, v as separate linears; k has no bias)."""
+    """Our encoder names -> Hugging Face ``VideoMAEModel`` names (q, k, v as separate linears; k has no bias).
+
+    Our final encoder norm (``norm``) is left out, on purpose. VideoMAE has no CLS token; its fine-tuning
+    (MCG-NJU/VideoMAE ``run_class_finetuning.py``, ``--use_mean_pooling`` on by default) builds
+    ``VisionTransformer`` with ``norm = Identity`` and a freshly initialised ``fc_norm`` over the mean of the
+    last block's tokens (``modeling_finetune.py``), so the pretraining checkpoint's ``norm`` is never loaded.
+    transformers mirrors this: with ``use_mean_pooling: true`` ``VideoMAEModel.layernorm`` is None and
+    ``VideoMAEForVideoClassification`` adds ``fc_norm`` (its own init) over ``last_hidden_state.mean(1)``.
+    Writing ``layernorm.*`` would be an unexpected key there; with ``use_mean_pooling: false`` instead, the
+    classifier would read ``last_hidden_state[:, 0]``, the first *patch* token. Our ``norm`` is not a stand-in
+    for ``fc_norm`` either: it normalised each token during pretraining, ``fc_norm`` normalises their mean.
+    (HF's ``fc_norm`` takes LayerNorm's default eps 1e-5, VideoMAE's 1e-6: a fresh layer, so nothing to map.)
+    """
     d = cfg.model.embed_dim
     out = {
         "embeddings.patch_embeddings.projection.weight": conv3d_kernel(enc["patch_embed.weight"], cfg),
         "embeddings.patch_embeddings.projection.bias": enc["patch_embed.bias"],
-        "layernorm.weight": enc["norm.weight"],
-        "layernorm.bias": enc["norm.bias"],
     }
     for i in range(cfg.model.depth):
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
@@ -186,7 +201,10 @@ def _provenance(cfg: Config, ckpt_dir: Path, tag: str) -> dict:
 
 
 def hf_config(cfg: Config, provenance: dict) -> dict:
-    """A ``VideoMAEConfig`` as JSON for a ``VideoMAEModel`` with our encoder (decoder fields describe our decoder)."""
+    """A ``VideoMAEConfig`` as JSON for a ``VideoMAEModel`` with our encoder (decoder fields describe our decoder).
+
+    ``use_mean_pooling: true``: ``VideoMAEForVideoClassification`` classifies from ``fc_norm`` over the mean of
+    all tokens (VideoMAE's fine-tuning head), and ``VideoMAEModel`` has no final ``layernorm`` (see ``to_hf``)."""
     m, d = cfg.model, cfg.data
     return {
         "architectures": ["VideoMAEModel"], "model_type": "videomae", "torch_dtype": "float32",
@@ -194,7 +212,7 @@ def hf_config(cfg: Config, provenance: dict) -> dict:
         "tubelet_size": m.tubelet, "hidden_size": m.embed_dim, "num_hidden_layers": m.depth,
         "num_attention_heads": m.num_heads, "intermediate_size": int(m.embed_dim * m.mlp_ratio), "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": LN_EPS, "qv_bias": m.qkv_bias, "use_mean_pooling": False,
+        "layer_norm_eps": LN_EPS, "qv_bias": m.qkv_bias, "use_mean_pooling": True,
         "decoder_hidden_size": m.decoder_dim, "decoder_num_hidden_layers": m.decoder_depth,
         "decoder_num_attention_heads": m.decoder_heads, "decoder_intermediate_size": int(m.decoder_dim * m.mlp_ratio),
         "norm_pix_loss": cfg.targets.normalize_pixels, "fastmam": provenance,
@@ -202,14 +220,17 @@ def hf_config(cfg: Config, provenance: dict) -> dict:
 
 
 def videomae_config(cfg: Config, provenance: dict) -> dict:
-    """Keyword arguments of VideoMAE's ``VisionTransformer`` (``model``: its registered name, where one fits)."""
+    """Keyword arguments of VideoMAE's ``VisionTransformer`` (``model``: its registered name, where one fits).
+
+    ``use_mean_pooling: true`` (its fine-tuning default): ``fc_norm`` over the mean of all tokens; with false
+    it would classify from ``norm(x)[:, 0]``, the first patch token, as VideoMAE has no CLS token."""
     m, d = cfg.model, cfg.data
     name = VIDEOMAE_MODELS.get((m.embed_dim, m.depth, m.num_heads, m.patch)) if m.mlp_ratio == 4 else None
     return {
         "model": name, "img_size": d.img_size, "patch_size": m.patch, "in_chans": 3, "embed_dim": m.embed_dim,
         "depth": m.depth, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio, "qkv_bias": m.qkv_bias,
         "norm_layer_eps": LN_EPS, "all_frames": d.num_frames, "tubelet_size": m.tubelet,
-        "use_learnable_pos_emb": False, "use_mean_pooling": False, "fastmam": provenance,
+        "use_learnable_pos_emb": False, "use_mean_pooling": True, "fastmam": provenance,
     }
 
 
@@ -238,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="run folder (output_dir), its checkpoints/ folder, or one checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json to")
     p.add_argument("--format", choices=FORMATS, default="hf",
-                   help="hf: Hugging Face VideoMAEModel; videomae: the VideoMAE repository's fine-tuning names [hf]")
+                   help="hf: Hugging Face VideoMAEModel / VideoMAEForVideoClassification (mean pooling); "
+                        "videomae: the VideoMAE repository's fine-tuning names [hf]")
     p.add_argument("--tag", default=None, help="checkpoint tag (step_<N>) [the newest complete one]")
     args = p.parse_args(argv)
     try:

@@ -1,6 +1,8 @@
 """Export of the pretrained encoder: a tiny run trained through the real checkpoint path, exported, loaded by
-Hugging Face's ``VideoMAEModel`` and compared with our encoder on the same clip (all tokens, and the visible
-tokens of a tube mask); the VideoMAE repository's names; ZeRO checkpoints; errors that name the fix.
+Hugging Face's ``VideoMAEModel`` and compared with our encoder's last block on the same clip (all tokens, and
+the visible tokens of a tube mask); loaded by ``VideoMAEForVideoClassification``, whose logits must be its
+head on the mean of all our tokens (not the first one); the VideoMAE repository's names; ZeRO checkpoints;
+errors that name the fix.
 
 Tolerance: in float64 both encoders must agree to rounding (the mapping is exact); in fp32,
 err(HF fp32, ours fp64) <= 2 * err(ours fp32, ours fp64) + atol (CONVENTIONS), atol 1e-6 (unit-scale features).
@@ -57,45 +59,105 @@ def patchify(x, t, p):
     return x.reshape(b, -1, t * p * p * c)
 
 
+def block_outputs(ours, patches, ids_keep):
+    """Our encoder on patch vectors (B, Nv, t*p*p*C): (its last block's output, its latents = norm of that),
+    each (B, Nv, D). The export leaves the final norm out, so HF's last_hidden_state is the first of the two."""
+    seen = {}
+    hook = ours.model.norm.register_forward_hook(lambda module, args, out: seen.update(tokens=args[0]))
+    try:
+        with torch.no_grad():
+            latents = ours.model.forward_encoder(patches, ids_keep)
+    finally:
+        hook.remove()
+    return seen["tokens"], latents
+
+
+def pixels_and_patches(cfg, clip, dtype):
+    """The same clip for both encoders: normalized pixels (B, T, H, W, C) and patch vectors (B, N, t*p*p*C)."""
+    mean, std = torch.tensor(cfg.data.mean, dtype=torch.float64), torch.tensor(cfg.data.std, dtype=torch.float64)
+    pixels = ((clip.to(torch.float64) / 255 - mean) / std).to(dtype)
+    return pixels, patchify(pixels, cfg.model.tubelet, cfg.model.patch)
+
+
 def features(cfg, ours, hf, clip, mask_noise, dtype):
-    """Encoder features of the same clip: ours on (visible) patch vectors, HF on (B, T, C, H, W) pixels."""
-    m, d = cfg.model, cfg.data
-    mean, std = torch.tensor(d.mean, dtype=torch.float64), torch.tensor(d.std, dtype=torch.float64)
-    pixels = ((clip.to(torch.float64) / 255 - mean) / std).to(dtype)  # (B, T, H, W, C)
-    patches = patchify(pixels, m.tubelet, m.patch)  # (B, N, t*p*p*C)
+    """Encoder features of the same clip: ours on (visible) patch vectors, HF on (B, T, C, H, W) pixels;
+    (our last block's output, HF's last_hidden_state, our latents)."""
+    pixels, patches = pixels_and_patches(cfg, clip, dtype)
     b, n = patches.shape[:2]
     ids_keep, mask = torch.arange(n).expand(b, n), None
     if mask_noise is not None:
-        masking = ops.tube_masking(mask_noise, cfg.masking.ratio, d.num_frames // m.tubelet)
+        masking = ops.tube_masking(mask_noise, cfg.masking.ratio, cfg.data.num_frames // cfg.model.tubelet)
         ids_keep, mask = masking.ids_keep, masking.mask
         patches = torch.gather(patches, 1, ids_keep[..., None].expand(-1, -1, patches.shape[-1]))
+    mine, latents = block_outputs(ours, patches, ids_keep)
     with torch.no_grad():
-        mine = ours.model.forward_encoder(patches, ids_keep)
         theirs = hf(pixels.permute(0, 1, 4, 2, 3), bool_masked_pos=mask).last_hidden_state
-    return mine.double(), theirs.double()
+    return mine.double(), theirs.double(), latents.double()
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_hf_videomae_loads_the_export_and_gives_our_features(run, tmp_path, masked, rng):
     out = export(run, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not any(k.startswith("layernorm.") for k in load_file(str(out / "model.safetensors")))
     clip = torch.randint(0, 256, (2, 8, 64, 64, 3), dtype=torch.uint8, generator=rng)
     noise = torch.rand(2, 64, generator=rng) if masked else None
 
     cfg, ours64, hf64, info = ours_and_hf(run, out, torch.float64)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    assert hf64.config.layer_norm_eps == 1e-6 and not hf64.config.use_mean_pooling
-    ref, theirs64 = features(cfg, ours64, hf64, clip, noise, torch.float64)
+    assert hf64.config.layer_norm_eps == 1e-6 and hf64.config.use_mean_pooling and hf64.layernorm is None
+    ref, theirs64, latents = features(cfg, ours64, hf64, clip, noise, torch.float64)
     assert ref.shape == (2, 64 if masked else 256, 128)  # tiny: 4 slices of 8 x 8 tokens, 48 of 64 hidden in each
     assert (theirs64 - ref).abs().max().item() < 1e-10
+    # what the README tells feature users: the videomae export's `norm` on last_hidden_state gives our latents
+    norm = load_file(str(export(run, tmp_path / "vm", fmt="videomae") / "model.safetensors"))
+    ln = F.layer_norm(theirs64, (128,), norm["norm.weight"].double(), norm["norm.bias"].double(), 1e-6)
+    assert (ln - latents).abs().max().item() < 1e-10 and (theirs64 - latents).abs().max().item() > 1e-2
 
     _, ours32, hf32, _ = ours_and_hf(run, out, torch.float32)
-    mine32, theirs32 = features(cfg, ours32, hf32, clip, noise, torch.float32)
+    mine32, theirs32, _ = features(cfg, ours32, hf32, clip, noise, torch.float32)
     err, err_ours = (theirs32 - ref).abs(), (mine32 - ref).abs()
     bound = 2 * err_ours.max().item() + 1e-6
     assert err.max().item() <= bound, (
         f"HF fp32: max err {err.max().item():.3g} (mean {err.mean().item():.3g}) > {bound:.3g}; "
         f"ours fp32: max err {err_ours.max().item():.3g}")
+
+
+def test_hf_classification_head_pools_the_mean_of_all_tokens(run, tmp_path, rng):
+    """VideoMAEForVideoClassification on the export: every encoder weight loads, only the head is new, and its
+    logits are classifier(fc_norm(mean over all tokens of our last block)): VideoMAE's fine-tuning head."""
+    out = export(run, tmp_path / "hf")
+    clf, info = transformers.VideoMAEForVideoClassification.from_pretrained(out, num_labels=5,
+                                                                           output_loading_info=True)
+    assert set(info["missing_keys"]) == {"fc_norm.weight", "fc_norm.bias", "classifier.weight", "classifier.bias"}
+    assert not any(info[k] for k in ("unexpected_keys", "mismatched_keys", "error_msgs")), info
+    clf = clf.double().eval()
+    fc_norm, classifier = clf.fc_norm, clf.classifier
+    with torch.no_grad():  # fresh: LayerNorm (1, 0) and a zero bias, which would hide a skipped affine or bias
+        for w in (fc_norm.weight, fc_norm.bias, classifier.bias):
+            w.copy_(torch.randn(w.shape, generator=rng, dtype=w.dtype))
+
+    cfg, ours, _, _ = ours_and_hf(run, out, torch.float64)
+    clip = torch.randint(0, 256, (2, 8, 64, 64, 3), dtype=torch.uint8, generator=rng)
+    pixels, patches = pixels_and_patches(cfg, clip, torch.float64)
+    tokens, latents = block_outputs(ours, patches, torch.arange(patches.shape[1]).expand(2, -1))
+    with torch.no_grad():
+        logits = clf(pixels.permute(0, 1, 4, 2, 3)).logits
+
+    def head(v):  # (B, D) -> (B, 5), with the classifier's own head weights
+        return F.linear(F.layer_norm(v, (128,), fc_norm.weight, fc_norm.bias, fc_norm.eps), classifier.weight,
+                        classifier.bias)
+
+    expected = head(tokens.mean(1))  # tokens: (2, 256, 128), all of them
+    assert logits.shape == (2, 5)
+    err = (logits - expected).abs().max().item()
+    assert err < 1e-10, f"logits differ from classifier(fc_norm(mean of our tokens)) by {err:.3g}"
+    # negative controls: use_mean_pooling false would classify our normed first patch token (no CLS token in
+    # VideoMAE), and fc_norm on the first token alone is another pooling; both are far from the logits
+    for name, wrong in (("first token", F.linear(latents[:, 0], classifier.weight, classifier.bias)),
+                        ("fc_norm(first token)", head(tokens[:, 0]))):
+        gap = (logits - wrong).abs().max().item()
+        assert gap > 1e-2, f"the {name} gives the same logits (max diff {gap:.3g}): the check cannot tell poolings"
 
 
 def test_videomae_format_names_and_conv_kernel(run, tmp_path, rng):
@@ -114,7 +176,7 @@ def test_videomae_format_names_and_conv_kernel(run, tmp_path, rng):
     assert {k: config[k] for k in ("embed_dim", "depth", "num_heads", "tubelet_size", "all_frames", "img_size",
                                    "use_mean_pooling")} == {"embed_dim": 128, "depth": 2, "num_heads": 4,
                                                             "tubelet_size": 2, "all_frames": 8, "img_size": 64,
-                                                            "use_mean_pooling": False}
+                                                            "use_mean_pooling": True}
     # the Conv3d kernel on the (B, C, T, H, W) clip equals our Linear on (t, p, p, C) patch vectors
     ckpt_dir, tag, run_dir = find_checkpoint(run)
     state = consolidated_state(ckpt_dir, tag)
@@ -158,7 +220,8 @@ def test_two_rank_zero2_export_merges_the_shards(tmp_path):
     q, k, v = module["model.blocks.1.attn.qkv.weight"].split(128)
     assert torch.equal(exported["encoder.layer.1.attention.attention.key.weight"], k)
     assert torch.equal(exported["encoder.layer.1.attention.attention.value.bias"], module["model.blocks.1.attn.v_bias"])
-    assert torch.equal(exported["layernorm.weight"], module["model.norm.weight"])
+    assert torch.equal(exported["encoder.layer.1.layernorm_after.weight"], module["model.blocks.1.norm2.weight"])
+    assert "layernorm.weight" not in exported  # the final norm is not exported (fastmam.export.to_hf)
     model, info = transformers.VideoMAEModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
