@@ -281,6 +281,34 @@ class LoggingConfig(_Section):
     progress_bar: bool = True
 
 
+class EvalConfig(_Section):
+    """Frozen probes during pretraining (``fastmam.probe``): every ``every_steps`` optimizer steps, rank 0 fits a kNN
+    and a linear probe on the features of the current encoder and logs ``probe_knn_top1`` / ``probe_linear_top1``.
+    The data: ``train_list`` and ``val_list`` (annotation lists, centre view of each video), or else
+    ``synthetic_train`` / ``synthetic_val`` held-out synthetic clips labelled by motion class."""
+
+    every_steps: int = Field(0, ge=0, description="probe interval in optimizer steps; 0 = off")
+    train_list: str = Field("", description="annotation list the probes are fit on ('' = synthetic clips)")
+    val_list: str = Field("", description="annotation list the probes are scored on")
+    data_root: str = Field("", description="folder the lists' relative paths start from; '' = each list's folder")
+    list_format: Literal["auto", "videomae", "ucf101", "hmdb51", "ssv2_json"] = "auto"
+    synthetic_train: int = Field(512, ge=1, description="held-out synthetic clips to fit on (no lists given)")
+    synthetic_val: int = Field(256, ge=1, description="held-out synthetic clips to score on (no lists given)")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_epochs: int = Field(100, ge=1)
+    linear_lr: float = Field(1e-3, gt=0)
+    linear_optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_size: int = Field(16, ge=1, description="clips per encoder call")
+    seed: int = Field(0, description="the linear probe's initialization and batch order")
+
+    @model_validator(mode="after")
+    def _both_lists(self):
+        if bool(self.train_list) != bool(self.val_list):
+            raise ValueError("eval.train_list and eval.val_list go together: set both, or neither (synthetic clips)")
+        return self
+
+
 class Config(_Section):
     name: str = "mam2_vit_b"
     seed: int = 0
@@ -300,6 +328,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     safety: SafetyConfig = SafetyConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _geometry(self):

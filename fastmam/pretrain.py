@@ -54,6 +54,7 @@ from fastmam.models import Pretrainer  # noqa: E402
 from fastmam.models.attention import AttentionBackendError  # noqa: E402
 from fastmam.models.vqgan import CheckpointMismatch, MissingCheckpoint  # noqa: E402
 from fastmam.optim import NonFiniteGuard, build_optimizer  # noqa: E402
+from fastmam.probe import ProbeError, TrainingProbe  # noqa: E402
 
 #: what the process's exit status means (``--help`` lists it; so does the README's Pretraining section)
 EXIT_STATUSES = {
@@ -61,7 +62,7 @@ EXIT_STATUSES = {
     1: "an unexpected error (a Python traceback follows)",
     2: "a configuration or file error: an unknown key or bad value, a missing or malformed annotation list, VQGAN "
        "checkpoint or code cache, a codec DALI cannot read, a run folder holding checkpoints without --resume, an "
-       "attention backend (model.attention) that is not installed or cannot run on this device",
+       "attention backend (model.attention) that is not installed or cannot run on this device, a bad eval list",
     3: "bad data: more than data.max_bad_fraction of the list could not be read (examples in the message; all of "
        "them in <run>/bad_videos.rank<r>.tsv)",
     4: "non-finite loss or gradients (safety.nonfinite)",
@@ -163,6 +164,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
                         flush=True), record=run_dir / f"bad_videos.rank{dist.rank}.tsv",
                         resume=resume and start_tag is not None,
                         paths=dataset.videos.paths if isinstance(dataset, VideoDataset) else ())
+    # frozen probes every eval.every_steps: built on every rank now, so that a bad eval list stops the run before step 1
+    prober = TrainingProbe(cfg, dist.device, log=lambda m: log0(dist, m)) if cfg.eval.every_steps else None
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.tensorboard, start_step=step)
     progress = None
     if dist.is_main and cfg.logging.progress_bar:
@@ -197,6 +200,14 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
         step += 1
         guard.end_step(step)
 
+        probe_values = {}
+        if prober is not None and step % cfg.eval.every_steps == 0:
+            # collective (ZeRO-3 gathers the encoder's weights one module at a time), then rank 0 probes a copy of
+            # them: the training module, its mode and every RNG stay as they were. A host sync, like a log interval.
+            t_probe = time.perf_counter()
+            probe_values = prober(engine.module.model, dist.is_main)
+            t_log += time.perf_counter() - t_probe  # probe time is not training time (clips_per_s)
+
         if step % cfg.logging.every_steps == 0 or step == total:
             *totals, good = torch.cat([sums, finite.view(1)]).tolist()  # host sync
             values = [v / good for v in totals] if good else [None] * 3
@@ -216,6 +227,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
                 last["peak_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if cfg.data.source == "video":
                 last.update(health.metrics())  # this rank's count
+            last.update(probe_values)
             metrics.log(step, last)
             if progress is not None:
                 progress.update(step - progress.n)
@@ -223,6 +235,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
             sums.zero_()
             finite.zero_()
             clips_since_log, t_log = 0, time.perf_counter()
+        elif probe_values:
+            metrics.log(step, probe_values)
 
         if step % cfg.checkpoint.every_steps == 0 or step == total:
             client = {"step": step, "global_batch": global_batch_size(cfg, dist.world_size),
@@ -271,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     # the VQGAN tokenizer's file, the code cache, the annotation list, DALI on CPU with H.264, the run folder, an
     # attention backend that cannot run here
     except (MissingCheckpoint, CheckpointMismatch, CacheError, AnnotationError, UnsupportedCodec,
-            RunFolderInUse, AttentionBackendError) as exc:
+            RunFolderInUse, AttentionBackendError, ProbeError) as exc:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 2
     except BadDataError as exc:
