@@ -56,10 +56,8 @@ def cuda_extensions():
     elif not sources:
         reason = "csrc/ has no sources yet"
     else:
-        _set_cuda_home()  # before torch.utils.cpp_extension reads it
         try:
             import torch
-            from torch.utils.cpp_extension import BuildExtension, CUDAExtension
         except ImportError:
             reason = "torch is not importable in the build environment (use --no-build-isolation)"
         else:
@@ -67,6 +65,9 @@ def cuda_extensions():
                 reason = f"torch {torch.__version__} is a CPU build"
             elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
                 reason = "nvcc not found"
+            else:
+                _set_cuda_home()  # before torch.utils.cpp_extension, which reads it on import
+                from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     if reason is not None:
         print(f"fastmam: skipping the CUDA extension fastmam._C ({reason})", file=sys.stderr)
         return [], {}

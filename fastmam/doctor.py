@@ -349,7 +349,7 @@ def _check_arch(rep: Report, arch: int) -> dict:
     return {"checked": True, "results": rows}
 
 
-def _cuobjdump() -> str | None:
+def find_cuobjdump() -> str | None:
     """cuobjdump: on PATH, in a CUDA toolkit, or the copy that Triton's wheel ships (triton/backends/nvidia/bin)."""
     found = shutil.which("cuobjdump")
     if found:
@@ -367,7 +367,7 @@ def _cuobjdump() -> str | None:
 
 def extension_archs(path: str) -> tuple[list[int], list[int]] | None:
     """(cubin archs, PTX archs) embedded in a CUDA library, read with ``cuobjdump``; None without cuobjdump."""
-    tool = _cuobjdump()
+    tool = find_cuobjdump()
     if tool is None:
         return None
     elf = _run([tool, "--list-elf", path]) or ""

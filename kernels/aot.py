@@ -162,8 +162,9 @@ def _specialize(call: RecordedLaunch, backend, source: str) -> Spec:
 def _preset_launches(preset: str, codebook_sizes: Sequence[int]) -> list[tuple[str, RecordedLaunch]]:
     """(description, launch) of every kernel launch of one preset: its launchers run on meta tensors."""
     from fastmam.config import load_config
+    from fastmam.flops import token_counts
     from fastmam.ops import _triton
-    from fastmam.ops._checks import clip_geometry, num_hidden
+    from fastmam.ops._checks import clip_geometry
     from fastmam.ops.targets import Diff, target_rows
 
     from . import cross_entropy, patches, tokens
@@ -171,9 +172,7 @@ def _preset_launches(preset: str, codebook_sizes: Sequence[int]) -> list[tuple[s
     cfg = load_config(preset)
     m, d = cfg.model, cfg.data
     b, t, size, c, tub, p = d.batch_size, d.num_frames, d.img_size, CHANNELS, m.tubelet, m.patch
-    n = cfg.num_tokens
-    positions = (size // p) ** 2 if cfg.masking.kind == "tube" else n
-    masked = num_hidden(cfg.masking.ratio, positions) * (n // positions)
+    n, _, masked = token_counts(cfg)
     meta = torch.device("meta")
     ids_keep = torch.empty(b, n - masked, dtype=torch.int64, device=meta)
     ids_masked = torch.empty(b, masked, dtype=torch.int64, device=meta)

@@ -248,22 +248,13 @@ def test_kernels_use_no_local_memory(builds):
     assert all(k["registers"] is not None for _, k in rows), rows
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump: on PATH, in the toolkit, or the copy Triton's wheel ships."""
-    found = [shutil.which("cuobjdump")]
-    if NVCC:
-        found.append(str(_cuda_root() / "bin" / "cuobjdump"))
-    spec = importlib.util.find_spec("triton")
-    if spec is not None and spec.origin:
-        found.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    return next((f for f in found if f and os.access(f, os.X_OK)), None)
-
-
 @pytest.mark.skipif(BUILT_C is None, reason="fastmam._C is not built here (a CPU build of torch, or no nvcc)")
 def test_built_extension_holds_sm80_sm90_code_without_local_memory():
     """What pip built and a user loads: cubins for sm_80 and sm_90 (setup.py's default FASTMAM_CUDA_ARCH), no
     kernel with a stack frame or local memory. Also catches a fastmam._C left over from older sources."""
-    tool = _cuobjdump()
+    from fastmam.doctor import find_cuobjdump
+
+    tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the extension's cubins")
     text = subprocess.run([tool, "-res-usage", BUILT_C.origin], capture_output=True, text=True, timeout=120).stdout
