@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -309,7 +309,23 @@ class EvalConfig(_Section):
         return self
 
 
+def check_encoder_geometry(m: ModelConfig, d: DataConfig) -> None:
+    """The rules a clip and the encoder must satisfy together (pretraining and fine-tuning)."""
+    if d.num_frames % m.tubelet:
+        raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of model.tubelet={m.tubelet}")
+    if d.img_size % m.patch:
+        raise ValueError(f"data.img_size={d.img_size} must be a multiple of model.patch={m.patch}")
+    if m.embed_dim % m.num_heads:
+        raise ValueError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+
+
 class Config(_Section):
+    """A pretraining run."""
+
+    KIND: ClassVar[str] = "pretraining"
+    #: top-level sections only a pretraining config has (``_check_kind``)
+    MARKS: ClassVar[tuple[str, ...]] = ("targets", "masking", "loss", "eval")
+
     name: str = "mam2_vit_b"
     seed: int = 0
     output_dir: str = "runs/{name}"
@@ -333,12 +349,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _geometry(self):
         m, d = self.model, self.data
-        if d.num_frames % m.tubelet:
-            raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of model.tubelet={m.tubelet}")
-        if d.img_size % m.patch:
-            raise ValueError(f"data.img_size={d.img_size} must be a multiple of model.patch={m.patch}")
-        if m.embed_dim % m.num_heads:
-            raise ValueError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+        check_encoder_geometry(m, d)
         if m.decoder_dim % m.decoder_heads:
             raise ValueError(
                 f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}"
@@ -417,11 +428,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _check_path(parts: list[str]) -> type | None:
+def _check_path(parts: list[str], root: type[BaseModel] | None = None) -> type | None:
     """Reject unknown keys (from the top level down) naming the allowed ones at that level.
 
     Returns the section class the path names, or None when it names a value."""
-    cls: type[BaseModel] = Config
+    cls: type[BaseModel] = root or Config
     for i, part in enumerate(parts):
         fields = cls.model_fields
         if part not in fields:
@@ -438,11 +449,11 @@ def _check_path(parts: list[str]) -> type | None:
     return cls
 
 
-def _check_tree(tree: dict, parts: list[str]) -> None:
+def _check_tree(tree: dict, parts: list[str], root: type[BaseModel] | None = None) -> None:
     for key, value in tree.items():
         path = [*parts, str(key)]
-        if _check_path(path) is not None and isinstance(value, dict):
-            _check_tree(value, path)
+        if _check_path(path, root) is not None and isinstance(value, dict):
+            _check_tree(value, path, root)
 
 
 def _format_validation_error(exc: ValidationError) -> str:
@@ -458,23 +469,49 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Validate a nested dict plus ``key=value`` overrides into a ``Config``."""
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 root: type[BaseModel] | None = None):
+    """Validate a nested dict plus ``key=value`` overrides into a ``Config`` (or another ``root`` config class of
+    the same kind: ``fastmam.finetuning.config.FinetuneConfig``)."""
+    root = root or Config
     tree = copy.deepcopy(tree or {})
     if not isinstance(tree, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(tree).__name__}")
-    _check_tree(tree, [])
+    _check_kind(tree, root)
+    _check_tree(tree, [], root)
     for item in overrides:
         parts, value = _parse_override(item)
-        _check_path(parts)
+        _check_path(parts, root)
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     try:
-        return Config.model_validate(tree)
+        return root.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+def _check_kind(tree: dict, root: type[BaseModel]) -> None:
+    """A pretraining config given to fine-tuning (or the reverse) is named as such, not as a list of unknown keys."""
+    own = getattr(root, "KIND", "pretraining")
+    for other in (Config, *_other_kinds()):
+        kind = getattr(other, "KIND", "pretraining")
+        if kind == own:
+            continue
+        marks = sorted(set(tree) & set(getattr(other, "MARKS", ())))
+        if marks and not set(tree) & set(getattr(root, "MARKS", ())):
+            raise ConfigError(
+                f"this is a {kind} config (it has {', '.join(marks)}), not a {own} one; "
+                f"{'fastmam/pretrain.py' if kind == 'pretraining' else 'fastmam/finetune.py'} reads it "
+                f"(fine-tuning presets are named ft_*)"
+            )
+
+
+def _other_kinds() -> tuple[type[BaseModel], ...]:
+    from .finetuning.config import FinetuneConfig
+
+    return (FinetuneConfig,)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -505,13 +542,15 @@ def _read_tree(name_or_path: str | Path, chain: tuple[str, ...] = ()) -> dict:
     return _merge(_read_tree(base, (*chain, str(path.resolve()))), tree)
 
 
-def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset name or YAML path (None: the defaults), apply overrides, validate.
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                root: type[BaseModel] | None = None):
+    """Load a preset name or YAML path (None: the defaults), apply overrides, validate (as ``root``, default
+    ``Config``: pretraining).
 
     A file may start from another preset with ``base: <name or path>``; its own keys then override
     the base's, section by section."""
     tree = _read_tree(name_or_path) if name_or_path is not None else {}
-    return build_config(tree, overrides)
+    return build_config(tree, overrides, root)
 
 
 # --------------------------------------------------------------------------- derived values
@@ -584,5 +623,22 @@ def _deepspeed_has_bf16_overflow_check() -> bool:
     return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg) -> str:
+    """The config as YAML that ``build_config`` reads back to the same config."""
+    return yaml.safe_dump(saved_tree(cfg), sort_keys=False)
+
+
+def saved_tree(cfg) -> dict:
+    """``cfg`` as a plain dict that validates back to it: with VQGAN targets ``targets.codebook_size`` is left out
+    (the codebook is ``targets.vqgan.n_embed``; a written default would contradict it when read back)."""
+    tree = cfg.model_dump(mode="json")
+    return readable_tree(tree)
+
+
+def readable_tree(tree: dict) -> dict:
+    """A saved config tree as ``build_config`` takes it; also for files written before ``saved_tree`` left
+    ``targets.codebook_size`` out of VQGAN configs."""
+    targets = tree.get("targets")
+    if isinstance(targets, dict) and targets.get("appearance") == "vqgan":
+        targets.pop("codebook_size", None)
+    return tree

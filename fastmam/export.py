@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from . import checkpointing
-from .config import Config, ConfigError, build_config
+from .config import Config, ConfigError, build_config, readable_tree
 from .models.layers import LN_EPS
 
 FORMATS = ("hf", "videomae")
@@ -106,11 +106,11 @@ def load_run_config(ckpt_dir: Path, tag: str, run_dir: Path | None) -> Config:
     """The run's config: ``config.yaml`` of the run folder, else the copy saved inside the checkpoint."""
     try:
         if run_dir is not None:
-            return build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+            return build_config(readable_tree(yaml.safe_load((run_dir / "config.yaml").read_text())))
         client = torch.load(_model_states_file(ckpt_dir / tag), map_location="cpu", weights_only=False)
         if "config" not in client:
             raise ExportError(f"{ckpt_dir / tag} carries no config and has no run folder with config.yaml above it")
-        return build_config(client["config"])
+        return build_config(readable_tree(dict(client["config"])))
     except ConfigError as exc:
         raise ExportError(f"the config of {ckpt_dir / tag} does not validate with this fastmam: {exc}") from None
 

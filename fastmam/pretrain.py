@@ -41,6 +41,7 @@ from fastmam.config import (  # noqa: E402
     load_config,
     peak_lr,
     resolve_precision,
+    saved_tree,
 )
 from fastmam.data import build_dataset, build_loader  # noqa: E402
 from fastmam.data.annotations import AnnotationError  # noqa: E402
@@ -240,7 +241,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
 
         if step % cfg.checkpoint.every_steps == 0 or step == total:
             client = {"step": step, "global_batch": global_batch_size(cfg, dist.world_size),
-                      "config": cfg.model_dump(mode="json"), "skipped_steps": skipped_total}
+                      "config": saved_tree(cfg), "skipped_steps": skipped_total}
             checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last, dist.is_main)
 
     if progress is not None:

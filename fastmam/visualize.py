@@ -57,7 +57,7 @@ import torch
 import yaml
 
 from . import ops
-from .config import Config, ConfigError, build_config
+from .config import Config, ConfigError, build_config, readable_tree
 from .export import ExportError, _model_states_file, consolidated_state, find_checkpoint
 from .ops.targets import EPS
 
@@ -124,10 +124,7 @@ def run_tree(ckpt_dir: Path, tag: str, run_dir: Path | None) -> dict:
 
 def run_config(tree: dict, device: torch.device, vqgan_checkpoint: str | None = None) -> Config:
     """The run's config set up to run here: SDPA attention (a flash-attn run is viewed anywhere), fp32, ops
-    dispatched by the device, ``device``; ``vqgan_checkpoint`` replaces ``targets.vqgan.checkpoint``.
-
-    ``targets.codebook_size`` is dropped for ``vqgan`` runs: a saved config lists every key, and this one would
-    contradict ``targets.vqgan.n_embed`` (the codebook of a VQGAN run) when validated again."""
+    dispatched by the device, ``device``; ``vqgan_checkpoint`` replaces ``targets.vqgan.checkpoint``."""
     tree = copy.deepcopy(tree)
     tree["device"] = device.type
     tree["backend"] = "auto"
@@ -137,9 +134,7 @@ def run_config(tree: dict, device: torch.device, vqgan_checkpoint: str | None = 
     ds["precision"] = "fp32"
     if vqgan_checkpoint is not None:
         targets.setdefault("vqgan", {})["checkpoint"] = str(vqgan_checkpoint)
-    if targets.get("appearance") == "vqgan":
-        targets.pop("codebook_size", None)
-    return build_config(tree)
+    return build_config(readable_tree(tree))
 
 
 def load_pretrainer(cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
