@@ -92,7 +92,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastmam", "fastmam.ops", "fastmam.models", "fastmam.data", "fastmam.kernels", "fastmam.presets"],
+    packages=["fastmam", "fastmam.ops", "fastmam.models", "fastmam.data", "fastmam.finetuning", "fastmam.kernels",
+              "fastmam.presets"],
     # kernels/ and configs/ live at the top of the repository and install inside the package
     package_dir={"fastmam.kernels": "kernels", "fastmam.presets": "configs"},
     package_data={"fastmam.presets": ["*.yaml"]},
@@ -113,9 +114,12 @@ setup(
         "test": [
             "pytest>=7", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5",
             "scikit-video",
-            "transformers>=4.46",
+            "transformers>=4.46", "timm>=1.0", "torchvision",
             "decord>=0.6; platform_machine == 'x86_64'", "nvidia-dali-cuda120>=1.40; platform_machine == 'x86_64'",
         ],
+        # fine-tuning: timm (Mixup, SoftTargetCrossEntropy, DropPath) and torchvision (RandAugment, RandomErasing on
+        # videos); torchvision must be the build made for the installed torch (0.29.1 beside torch 2.14.1)
+        "finetune": ["timm>=1.0", "torchvision"],
         "decord": ["decord>=0.6"],
         "tensorboard": ["tensorboard>=2.12"],
         "dali": ["nvidia-dali-cuda120"],
