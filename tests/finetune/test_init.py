@@ -19,7 +19,7 @@ from fastmam.finetuning.model import VideoClassifier, resize_pos_embed  # noqa: 
 FAST = ["model.depth=2", "data.num_workers=0", "logging.progress_bar=false", "logging.tensorboard=false",
         "schedule.steps=2", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "data.batch_size=2",
         "logging.every_steps=1"]
-ENCODER = ["model.depth=2", "device=cpu", "classifier.drop_path=0"]
+ENCODER = ["model.depth=2", "device=cpu", "classifier.drop_path=0", "data.img_size=64", "data.synthetic_size=80"]
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="inc0 is not supported"):
         ft("augment.randaug=rand-m9-n2-inc0")
     with pytest.raises(ConfigError, match="must be even with mixup"):
-        ft("data.batch_size=7")
+        ft("data.batch_size=7", "augment.mixup=0.8")
     ft("data.batch_size=7", "augment.mixup=0", "augment.cutmix=0")
     with pytest.raises(ConfigError, match="warmup_epochs"):
         ft("schedule.warmup_epochs=9", "schedule.epochs=2")
