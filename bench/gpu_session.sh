@@ -36,7 +36,11 @@ echo "bench rc=$?" >> "$OUT/bench.log"
 # the machine): ms/step, clips/s, MFU, peak memory, ratio to the peer; a run of its own so that it survives the other
 python3 bench/throughput.py --no-ops --out "$OUT" > "$OUT/bench_step.log" 2>&1
 echo "bench step rc=$?" >> "$OUT/bench_step.log"
+# fine-tuning steps of the ft_vit_b_* shapes in bf16 (300 steps each, in-memory clips): ms/step, clips/s, peak memory
+python3 bench/finetune_step.py --steps 300 --out "$OUT" > "$OUT/bench_finetune.log" 2>&1
+echo "bench finetune rc=$?" >> "$OUT/bench_finetune.log"
 # the largest preset that trains on this card with ZeRO-3 + activation checkpointing (needs deepspeed from .whl)
 python3 bench/fit.py --presets vit_b vit_l vit_h vit_g --timeout 300 --out "$OUT" > "$OUT/fit.log" 2>&1
 echo "fit rc=$?" >> "$OUT/fit.log"
-tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log" "$OUT/bench_step.log" "$OUT/fit.log"
+tail -n 5 "$OUT/build.log" "$OUT/pytest_gpu.log" "$OUT/bench.log" "$OUT/bench_step.log" "$OUT/bench_finetune.log" \
+    "$OUT/fit.log"

@@ -160,3 +160,13 @@ def test_real_videos_train_and_test_with_a_bad_file(tmp_path):
     test = result["test"]
     assert (test["videos"], test["evaluated"], test["skipped"]["count"]) == (3, 2, 1)
     assert test["skipped"]["examples"][0]["path"] == str(bad)
+
+
+def test_finetune_step_benchmark_quick(tmp_path):
+    """bench/finetune_step.py --quick: the GPU session's fine-tuning row, here on the CPU (no number claimed)."""
+    from bench.finetune_step import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "finetune_step.json").read_text())
+    assert row["preset"] == "ft_tiny" and row["timed_steps"] == 4 and row["ms_median"] > 0
+    assert row["precision"] == "fp32" and row["commit"] and torch.isfinite(torch.tensor(row["loss_last"]))
