@@ -170,3 +170,27 @@ def test_finetune_step_benchmark_quick(tmp_path):
     (row,) = json.loads((tmp_path / "finetune_step.json").read_text())
     assert row["preset"] == "ft_tiny" and row["timed_steps"] == 4 and row["ms_median"] > 0
     assert row["precision"] == "fp32" and row["commit"] and torch.isfinite(torch.tensor(row["loss_last"]))
+
+
+def test_zero3_evaluates_the_gathered_weights(tmp_path, monkeypatch):
+    """ZeRO-3 (weights partitioned): validation and the test run on a gathered copy, equal to the checkpoint's
+    consolidated weights, and --test-only on the run gives the test of the run's end."""
+    import fastmam.finetune as finetune
+
+    result = train(ft(tmp_path / "z3", "deepspeed.zero_stage=3", "schedule.steps=4"))
+    copies = []
+
+    def recording(*args, **kwargs):
+        copies.append(finetune_eval_copy(*args, **kwargs))
+        return copies[-1]
+
+    finetune_eval_copy = finetune.eval_copy
+    monkeypatch.setattr(finetune, "eval_copy", recording)
+    again = train(ft(tmp_path / "z3", "deepspeed.zero_stage=3", "schedule.steps=4"), test_only=True)
+    assert again["test"]["top1"] == result["test"]["top1"] and again["test"]["videos"] == 6
+    saved = final_params(tmp_path / "z3")
+    (copy,) = copies
+    state = copy.state_dict()
+    assert set(state) == set(saved)
+    for k, v in saved.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
