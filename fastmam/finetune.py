@@ -52,6 +52,7 @@ from fastmam.finetuning.data import ClipDataset, eval_spec, train_spec  # noqa: 
 from fastmam.finetuning.init import InitError, load_pretrained, read_pretrained  # noqa: E402
 from fastmam.finetuning.model import VideoClassifier, layer_decay_groups  # noqa: E402
 from fastmam.finetuning.sources import ListSource, SyntheticSource  # noqa: E402
+from fastmam.finetuning.testing import TestError  # noqa: E402
 from fastmam.metrics import MetricsLogger  # noqa: E402
 from fastmam.models.attention import AttentionBackendError  # noqa: E402
 from fastmam.optim import NonFiniteGuard, lr_factor  # noqa: E402
@@ -64,7 +65,8 @@ EXIT_STATUSES = {
        "annotation list, labels outside [0, classifier.num_classes) or a class count that differs from it, an "
        "init.checkpoint that is missing, of another architecture, or already fine-tuned, a run folder holding "
        "checkpoints without --resume, --test-only on a run without a fine-tuned checkpoint",
-    3: "bad data: more than data.max_bad_fraction of the training list could not be read",
+    3: "bad data: more than data.max_bad_fraction of the training list could not be read, or no video of the "
+       "validation or test list",
     4: "non-finite loss or gradients (safety.nonfinite)",
 }
 
@@ -419,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmam: {exc}", file=sys.stderr)
         return 2
     except BadDataError as exc:
+        print(f"fastmam: {exc}", file=sys.stderr)
+        return 3
+    except TestError as exc:  # the multi-view test found no readable video (or lost one across ranks)
         print(f"fastmam: {exc}", file=sys.stderr)
         return 3
     except FloatingPointError as exc:

@@ -194,3 +194,20 @@ def test_zero3_evaluates_the_gathered_weights(tmp_path, monkeypatch):
     assert set(state) == set(saved)
     for k, v in saved.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_test_list_with_no_readable_video_exits_3(tmp_path, capsys):
+    from fastmam.finetune import main
+
+    (tmp_path / "bad.mp4").write_bytes(b"\0" * 512)
+    (tmp_path / "train.txt").write_text("".join(f"bad.mp4 {c}\n" for c in range(9)))
+    (tmp_path / "test.txt").write_text("bad.mp4 0\nbad.mp4 3\n")
+    tuned = tmp_path / "tuned"
+    assert main(["--config", "ft_tiny", *FAST, f"output_dir={tuned}", "schedule.steps=2", "test.at_end=false",
+                 "test.val_every_epochs=0"]) == 0
+    capsys.readouterr()
+    assert main(["--test-only", "--config", "ft_tiny", *FAST, f"output_dir={tuned}", "schedule.steps=2",
+                 "data.source=video", f"data.train_list={tmp_path / 'train.txt'}",
+                 f"data.test_list={tmp_path / 'test.txt'}"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("fastmam: none of the 2 test videos could be read")
