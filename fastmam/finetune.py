@@ -86,9 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--test-only", action="store_true",
                    help="no training: the multi-view test of the run's newest complete checkpoint (output_dir)")
+    p.add_argument("--tag", default=None,
+                   help="checkpoint of the init run to start from (step_<N>; same as init.tag=...) [the newest]")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tag:
+        args.overrides.append(f"init.tag={args.tag}")
+    return args
 
 
 # --------------------------------------------------------------------------- data

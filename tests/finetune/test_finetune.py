@@ -124,8 +124,10 @@ def test_cli_bad_inputs_exit_2_with_the_fix(tmp_path, capsys):
     assert "is a fine-tuned checkpoint" in err and "init.finetuned=drop_head" in err
     # the same run folder again without --resume
     assert "--resume" in fails(*base, f"output_dir={tuned}", f"init.checkpoint={pre}")
-    # a missing init
+    # a missing init; an init checkpoint tag the run does not have (--tag is init.tag)
     assert "does not exist" in fails(*base, f"output_dir={tmp_path / 'c'}", f"init.checkpoint={tmp_path / 'none'}")
+    err = fails("--tag", "step_00000001", *base, f"output_dir={tmp_path / 'd'}", f"init.checkpoint={pre}")
+    assert "has no complete checkpoint step_00000001; complete ones: step_00000002" in err
 
 
 @pytest.mark.slow
