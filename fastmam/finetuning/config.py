@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -206,9 +207,7 @@ class FinetuneConfig(_Section):
         return self
 
     @property
-    def run_dir(self):
-        from pathlib import Path
-
+    def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
 
     @property

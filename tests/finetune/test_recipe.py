@@ -153,19 +153,19 @@ def test_mixup_and_cutmix_act_identically_on_every_frame(mode):
     x, targets = aug(clip, labels, key=11)
     assert (x == x[:, :1]).all(), "frames of a clip were mixed differently"
     assert torch.allclose(targets.sum(1), torch.ones(8))
-    lam = targets[0, 0] + 0.1 / 9 * 0  # weight of the clip's own label (plus the smoothing floor)
     flipped = clip.flip(0).float()
     if mode == "mixup":
         # x = lam * clip + (1 - lam) * flipped, one lam for the batch
         own = targets[torch.arange(8), labels] - 0.1 / 9
         lam = (own / (1 - 0.1)).mean()
-        torch.testing.assert_close(x, lam * clip.float() + (1 - lam) * flipped, rtol=0, atol=1e-3)
+        # fp32: pixels up to 255 and lam recovered from fp32 targets (~1e-7 relative): ~5e-5 of error
+        torch.testing.assert_close(x, lam * clip.float() + (1 - lam) * flipped, rtol=0, atol=2e-4)
     else:
         pasted = (x != clip.float()).any(-1)[:, 0]  # (B, H, W) where the mirror clip was pasted
+        assert pasted.any(), "this key's draw must cut a box"
         same_everywhere = (pasted == pasted[:1]) | (clip[:, 0] == clip.flip(0)[:, 0]).all(-1)
         assert same_everywhere.all(), "cutmix's box differs between clips of the batch"
         assert torch.equal(x[(x != clip.float())], flipped[(x != clip.float())])
-    assert lam is not None
 
 
 def test_label_smoothing_targets():
