@@ -12,6 +12,11 @@ VideoMAE config (``configs/videomae_vit_b.yaml``): VideoMAE's layout.
 Each row: ms/step (median, 20/80% quantiles), clips/s, peak memory, model FLOPs by formula
 (``fastmam.flops``), achieved TFLOP/s and MFU against two peaks: a dense matmul measured in the same run
 in the same dtype, and the datasheet's dense bf16 peak where the GPU is known.
+
+On a GPU each preset without decoder masking is timed twice, side by side: as it is, and with VideoMAE V2's
+running-cell decoder masking at 0.5 (``masking.decoder``; the regressor, decoders, targets and loss on half of the
+masked tokens), whose row gives ``vs_no_decoder_masking`` (its clips/s over the plain row's). The peer has no
+decoder masking: both rows are compared with the same peer row.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ DATASHEET_BF16_TFLOPS = [
 #: presets of the step rows on a GPU; --quick runs the tiny one on the CPU
 GPU_PRESETS = ("vit_s", "vit_b", "vit_l", "videomae_vit_b")
 QUICK_PRESETS = ("tiny",)
+#: the decoder masking of the paired rows: VideoMAE V2's running cell, half of the masked tokens decoded (with
+#: videomae_vit_b this is configs/videomaev2_vit_b.yaml)
+DECODER_MASKING = ("masking.decoder=running_cell", "masking.decoder_ratio=0.5")
 
 
 def datasheet_peak(device: torch.device) -> float | None:
@@ -170,10 +178,28 @@ def _timed(make, cfg, batch, device, dtype):
         _free(device)
 
 
+def step_configs(name: str, decoder_masking: bool) -> list[Config]:
+    """The preset, then (``decoder_masking``, when the preset has none) the same preset with ``DECODER_MASKING``."""
+    cfg = load_config(name)
+    if decoder_masking and cfg.masking.decoder == "none":
+        return [cfg, load_config(name, list(DECODER_MASKING))]
+    return [cfg]
+
+
+def step_shape(cfg: Config, batch: int) -> str:
+    d, mk = cfg.data, cfg.masking
+    shape = f"{cfg.name} B{batch} {d.num_frames}x{d.img_size} r{mk.ratio}"
+    return shape + (f" decoder {mk.decoder} {mk.decoder_ratio}" if mk.decoder != "none" else "")
+
+
 def step_rows(presets, batch: int | None, device: torch.device, dtype: torch.dtype, env: dict,
-              with_peer: bool = True) -> list[dict]:
-    """Rows for each preset: ours, then the peer matched to it (measured once per distinct peer config),
-    with ``vs_peer`` = our clips/s / the peer's clips/s in our row."""
+              with_peer: bool = True, decoder_masking: bool | None = None) -> list[dict]:
+    """Rows for each preset: ours, ours with decoder masking (``decoder_masking``; None: on a GPU, where these rows
+    are the point, not in the quick CPU run), then the peer matched to it (measured once per distinct peer
+    config), with ``vs_peer`` = our clips/s / the peer's clips/s in each of our rows and ``vs_no_decoder_masking``
+    = the decoder-masking row's clips/s / the plain row's."""
+    if decoder_masking is None:
+        decoder_masking = device.type == "cuda"
     peaks = {"measured": matmul_peak(device, dtype), "datasheet": datasheet_peak(device)}
     print(f"step: dense {str(dtype).removeprefix('torch.')} matmul measured at {peaks['measured']:.3g} TFLOP/s; "
           f"datasheet bf16 peak: {peaks['datasheet'] or 'unknown for this device'}")
@@ -185,26 +211,34 @@ def step_rows(presets, batch: int | None, device: torch.device, dtype: torch.dty
             with_peer = False
     rows, peer_rows = [], {}
     for name in presets:
+        mine = []
+        for cfg in step_configs(name, decoder_masking):
+            b = batch or cfg.data.batch_size
+            got = _timed(ours, cfg, b, device, dtype)
+            if got is None:
+                continue
+            row = _row(name, got[2], step_shape(cfg, b), got[0], got[1], b, peaks, dtype, env)
+            row["decoder_masking"] = "none" if cfg.masking.decoder == "none" else \
+                f"{cfg.masking.decoder} {cfg.masking.decoder_ratio}"
+            if mine and mine[0]["decoder_masking"] == "none" and cfg.masking.decoder != "none":
+                row["vs_no_decoder_masking"] = row["clips_per_s"] / mine[0]["clips_per_s"]
+            mine.append(row)
+        rows.extend(mine)
+        if not with_peer or not mine:
+            continue
         cfg = load_config(name)
         b = batch or cfg.data.batch_size
-        shape = f"{cfg.name} B{b} {cfg.data.num_frames}x{cfg.data.img_size} r{cfg.masking.ratio}"
-        got = _timed(ours, cfg, b, device, dtype)
-        if got is None:
-            continue
-        mine = _row(name, got[2], shape, got[0], got[1], b, peaks, dtype, env)
-        rows.append(mine)
-        if not with_peer:
-            continue
         if cfg.masking.kind != "tube":
             print(f"step: no peer row for {name}: the peer is timed with tube masking only")
             continue
         key = (json.dumps(peer_config(cfg).to_dict(), sort_keys=True, default=str), b)
         if key not in peer_rows:
             theirs = _timed(peer, cfg, b, device, dtype)
-            peer_rows[key] = theirs and _row(name, theirs[2], f"peer of {shape}", theirs[0], theirs[1], b, peaks,
-                                             dtype, env)
+            peer_rows[key] = theirs and _row(name, theirs[2], f"peer of {step_shape(cfg, b)}", theirs[0], theirs[1],
+                                             b, peaks, dtype, env)
             if peer_rows[key]:
                 rows.append(peer_rows[key])
         if peer_rows[key]:
-            mine["vs_peer"] = mine["clips_per_s"] / peer_rows[key]["clips_per_s"]
+            for row in mine:
+                row["vs_peer"] = row["clips_per_s"] / peer_rows[key]["clips_per_s"]
     return rows

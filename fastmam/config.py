@@ -29,6 +29,9 @@ def _preset_dir() -> Path:
 #: folder of the shipped presets (``--config tiny`` means ``<PRESET_DIR>/tiny.yaml``)
 PRESET_DIR = _preset_dir()
 
+#: masking.decoder_ratio's default (VideoMAE V2's 0.5)
+DEFAULT_DECODER_RATIO = 0.5
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,8 +68,34 @@ class ModelConfig(_Section):
 
 
 class MaskingConfig(_Section):
+    """The encoder's mask (``kind``, ``ratio``) and VideoMAE V2's decoder masking (``decoder``, ``decoder_ratio``):
+    the regressor and decoders, the targets and the loss then cover only ``ids_decode``, a subset of the masked
+    tokens (``decoder_ratio`` of them dropped) chosen by a 2x2 ``running_cell`` that shifts every time slice
+    (V2's pattern; ratio 0.25, 0.5 or 0.75 on an even patch grid) or at ``random``. Rules: ``fastmam.ops.masking``."""
+
     kind: Literal["tube", "random"] = "tube"
     ratio: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens hidden")
+    decoder: Literal["none", "running_cell", "random"] = Field(
+        "none", description="decoder masking: which masked tokens the decoders reconstruct (none = all of them)"
+    )
+    decoder_ratio: float = Field(
+        DEFAULT_DECODER_RATIO, gt=0.0, lt=1.0, description="fraction of the masked tokens the decoders drop"
+    )
+
+    @model_validator(mode="after")
+    def _decoder_rules(self):
+        if self.decoder == "none" and self.decoder_ratio != DEFAULT_DECODER_RATIO:
+            raise ValueError(
+                f"masking.decoder_ratio={self.decoder_ratio} has no effect with masking.decoder='none'; set "
+                "masking.decoder=running_cell (VideoMAE V2's pattern) or random, or drop masking.decoder_ratio"
+            )
+        if self.decoder == "running_cell" and self.decoder_ratio not in (0.25, 0.5, 0.75):
+            raise ValueError(
+                f"masking.decoder='running_cell' drops int(4 * ratio) of the 4 positions of a 2x2 cell, so "
+                f"masking.decoder_ratio must be 0.25, 0.5 or 0.75 (got {self.decoder_ratio}); "
+                "masking.decoder=random takes any ratio"
+            )
+        return self
 
 
 class VQGANConfig(_Section):
@@ -381,6 +410,7 @@ class Config(_Section):
                 f"masking.ratio={self.masking.ratio} hides {hidden} of {per} positions; "
                 "choose a ratio that hides at least one and keeps at least one"
             )
+        self._decoder_masking_geometry(n, s, hidden)
         if self.schedule.warmup_steps > self.schedule.steps:
             raise ValueError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds schedule.steps={self.schedule.steps}"
@@ -388,6 +418,25 @@ class Config(_Section):
         if self.optim.min_lr > self.optim.base_lr:
             raise ValueError(f"optim.min_lr={self.optim.min_lr} exceeds optim.base_lr={self.optim.base_lr}")
         return self
+
+    def _decoder_masking_geometry(self, tokens: int, spatial: int, hidden: int) -> None:
+        mk, m = self.masking, self.model
+        if mk.decoder == "none":
+            return
+        grid = self.data.img_size // m.patch
+        if mk.decoder == "running_cell" and grid % 2:
+            raise ValueError(
+                f"masking.decoder='running_cell' tiles a 2x2 cell over the {grid}x{grid} patch grid "
+                f"(data.img_size={self.data.img_size} / model.patch={m.patch}): it needs an even number of rows and "
+                "columns, which VideoMAE V2's pattern is defined on; change the size or use masking.decoder=random"
+            )
+        masked = hidden * (tokens // spatial) if mk.kind == "tube" else hidden
+        dropped = int(mk.decoder_ratio * masked)
+        if not 0 < dropped < masked:
+            raise ValueError(
+                f"masking.decoder_ratio={mk.decoder_ratio} drops {dropped} of the {masked} masked tokens; "
+                "choose a ratio that drops at least one and keeps at least one"
+            )
 
     @property
     def run_dir(self) -> Path:

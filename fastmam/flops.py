@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .models.tokenizer import codes_per_token
+from .ops.masking import num_decoded
 
 
 @dataclass
@@ -75,10 +76,21 @@ def token_counts(cfg: Config) -> tuple[int, int, int]:
     return slices * spatial, slices * spatial - hidden, hidden
 
 
+def decoded_tokens(cfg: Config) -> int:
+    """Nd per clip: the masked tokens the regressor, decoders, heads and loss cover; Nm without decoder masking,
+    ``Nm - int(masking.decoder_ratio * Nm)`` with it (VideoMAE V2's decoder masking, ``ops.decoder_masking``)."""
+    nm = token_counts(cfg)[2]
+    return nm if cfg.masking.decoder == "none" else num_decoded(nm, cfg.masking.decoder_ratio)
+
+
 def model_flops(cfg: Config, batch: int, in_chans: int = 3) -> StepFlops:
-    """FLOPs of fastmam's model (``fastmam.models.Pretrainer``) for ``batch`` clips of the config's shape."""
+    """FLOPs of fastmam's model (``fastmam.models.Pretrainer``) for ``batch`` clips of the config's shape.
+
+    The regressor's queries, the decoders and the heads run on the Nd decoded tokens (``decoded_tokens``: every
+    masked token, or the subset decoder masking keeps)."""
     m, tg = cfg.model, cfg.targets
-    n, nv, nm = token_counts(cfg)
+    _, nv, _ = token_counts(cfg)
+    nm = decoded_tokens(cfg)  # the masked tokens the model predicts
     d, hid = m.embed_dim, int(m.embed_dim * m.mlp_ratio)
     dd, dhid = m.decoder_dim, int(m.decoder_dim * m.mlp_ratio)
     pixels = m.tubelet * m.patch * m.patch * in_chans
@@ -89,7 +101,7 @@ def model_flops(cfg: Config, batch: int, in_chans: int = 3) -> StepFlops:
         f.add("regressor", m.regressor_depth * cross_block(nm, nv + nm, d, hid))
         decoder = linear(nm, d, dd) + m.decoder_depth * block(nm, dd, dhid)  # one latent per masked token
     else:
-        decoder = linear(nv, d, dd) + m.decoder_depth * block(n, dd, dhid)  # VideoMAE: visible + mask tokens
+        decoder = linear(nv, d, dd) + m.decoder_depth * block(nv + nm, dd, dhid)  # VideoMAE: visible + mask tokens
     f.add("appearance_decoder", decoder)
     if tg.appearance == "pixel":
         f.add("appearance_head", linear(nm, dd, pixels))

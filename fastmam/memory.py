@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import Config, resolve_precision
-from .flops import token_counts
+from .flops import decoded_tokens, token_counts
 from .models.tokenizer import codes_per_token
 
 GiB = 2**30
@@ -96,7 +96,8 @@ def activation_elements(cfg: Config, batch: int, recompute_peak: bool = True) ->
     excluded: ``loss_elements``). With activation checkpointing, ``recompute_peak`` adds the full set of the
     largest block being recomputed in backward (the forward alone does not hold it)."""
     m = cfg.model
-    _, nv, nm = token_counts(cfg)
+    _, nv, _ = token_counts(cfg)
+    nm = decoded_tokens(cfg)  # the masked tokens the regressor and decoders predict (all, or decoder masking's)
     ckpt = m.activation_checkpointing
     d, r = m.embed_dim, m.mlp_ratio
     pv = m.tubelet * m.patch * m.patch * 3
@@ -141,8 +142,7 @@ def loss_elements(cfg: Config, batch: int, fused: bool) -> float:
     log-softmax of the logits in the reference, and only its gradients (h and the head's weight) in the fused
     kernel; an MSE keeps one tensor (prediction minus target)."""
     m, tg = cfg.model, cfg.targets
-    _, _, nm = token_counts(cfg)
-    rows = batch * nm
+    rows = batch * decoded_tokens(cfg)
     pv = m.tubelet * m.patch * m.patch * 3
     if tg.appearance == "pixel":
         total = rows * pv

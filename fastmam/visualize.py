@@ -264,7 +264,9 @@ def reconstruct(pre, clip: torch.Tensor, next_clip: torch.Tensor | None, seed: i
     noise = masking_noise(pre, seed).to(device)
 
     # the step's own data flow (Pretrainer.forward), keeping what its loss consumes
-    vis = ops.tube_mask_gather(x, noise, cfg.masking.ratio, t, p, cfg.data.mean, cfg.data.std,
+    # the encoder mask's columns of the step's noise (with decoder masking the decoder's columns follow; the
+    # reconstruction shows every masked token, which the model predicts as well as the decoded ones)
+    vis = ops.tube_mask_gather(x, pre.split_noise(noise)[0], cfg.masking.ratio, t, p, cfg.data.mean, cfg.data.std,
                                out_dtype=pre.model.patch_embed.weight.dtype, masking=cfg.masking.kind,
                                backend=pre.backend)
     out = pre.model(vis.patches, vis.ids_keep, vis.ids_masked)

@@ -114,3 +114,25 @@ def test_a_missing_fused_backend_is_said_not_dropped(capsys):
             assert backend not in impls
             assert f"no '{backend}' implementation of pixel_target in this build" in out
     assert fused_impls("pixel_target", torch.device("cpu")) == []  # the interpreter is not timed
+
+
+def test_step_rows_with_and_without_decoder_masking(capsys):
+    """Beside each preset's row, the same preset with VideoMAE V2's running-cell decoder masking: fewer model FLOPs
+    by the formula, and its clips/s relative to the plain row (the default on a GPU; asked for here on the CPU)."""
+    import torch
+
+    from bench import step
+
+    cpu = torch.device("cpu")
+    rows = step.step_rows(["tiny"], 1, cpu, torch.float32, {}, with_peer=False, decoder_masking=True)
+    plain, dual = rows
+    assert (plain["decoder_masking"], dual["decoder_masking"]) == ("none", "running_cell 0.5")
+    assert dual["shape"] == plain["shape"] + " decoder running_cell 0.5" and dual["preset"] == "tiny"
+    assert 0 < dual["model_tflop_per_step"] < plain["model_tflop_per_step"]
+    assert dual["vs_no_decoder_masking"] == pytest.approx(dual["clips_per_s"] / plain["clips_per_s"])
+    assert "vs_no_decoder_masking" not in plain
+    # a preset that already decodes a subset is timed once; off by default on the CPU
+    assert [c.masking.decoder for c in step.step_configs("videomaev2_vit_b", True)] == ["running_cell"]
+    assert [c.masking.decoder for c in step.step_configs("vit_b", True)] == ["none", "running_cell"]
+    assert [r["decoder_masking"] for r in step.step_rows(["tiny"], 1, cpu, torch.float32, {}, with_peer=False)] \
+        == ["none"]

@@ -175,3 +175,31 @@ def test_a_saved_vqgan_config_reads_back():
     with pytest.raises(ConfigError, match="contradicts targets.vqgan.n_embed"):
         build_config(old)
     assert build_config(readable_tree(old)) == cfg
+
+
+def test_decoder_masking_options():
+    """masking.decoder (VideoMAE V2's decoder masking) is an option of every pretraining preset; off by default."""
+    for name in PRESETS:
+        if name != "videomaev2_vit_b":
+            assert load_config(name).masking.decoder == "none", name
+        cfg = load_config(name, ["masking.decoder=running_cell"])
+        assert (cfg.masking.decoder, cfg.masking.decoder_ratio) == ("running_cell", 0.5)
+    v2, v1 = load_config("videomaev2_vit_b"), load_config("videomae_vit_b")
+    assert (v2.masking.decoder, v2.masking.decoder_ratio) == ("running_cell", 0.5)
+    assert v2.model == v1.model and v2.targets == v1.targets and v2.loss == v1.loss and v2.data == v1.data
+    assert load_config("tiny", ["masking.decoder=random", "masking.decoder_ratio=0.3"]).masking.decoder_ratio == 0.3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["masking.decoder=sparse"], r"masking.decoder.*'none', 'running_cell' or 'random'"),
+    (["masking.decoder=running_cell", "masking.decoder_ratio=0"], r"masking.decoder_ratio': Input should be greater"),
+    (["masking.decoder=random", "masking.decoder_ratio=1.0"], r"masking.decoder_ratio': Input should be less"),
+    (["masking.decoder=running_cell", "masking.decoder_ratio=0.6"], r"must be 0.25, 0.5 or 0.75 \(got 0.6\)"),
+    (["masking.decoder_ratio=0.25"], r"decoder_ratio=0.25 has no effect with masking.decoder='none'"),
+    (["masking.decoder=running_cell", "data.img_size=56"], r"7x7 patch grid.*even number of rows and columns"),
+    (["masking.decoder=random", "masking.decoder_ratio=0.01", "data.img_size=32", "data.num_frames=2"],
+     r"decoder_ratio=0.01 drops 0 of the 12 masked tokens"),
+])
+def test_decoder_masking_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

@@ -734,3 +734,24 @@ def test_training_step_backward_shapes_and_dtypes(monkeypatch):
     for p, g in zip(params, grads, strict=True):
         assert g is not None and (g.shape, g.dtype, g.device) == (p.shape, p.dtype, p.device)
 
+
+
+@pytest.mark.parametrize("preset", ["vit_b", "videomaev2_vit_b"])
+def test_decoder_masking_step_on_fake_cuda(preset, cuda_autocast):
+    """VideoMAE V2's decoder masking in the ViT-B step (MAM2's layout, and the V2 preset): ids_decode is computed on
+    the GPU from the step's noise (torch sorts, the reference op: nothing to fuse), with no host tensor, no copy and
+    no value read on the host (a fake trace has none to read); the fused targets take the Nd = 704 decoded ids."""
+    mode = fake_mode()
+    cfg, model, _, _ = build(mode, preset, ["masking.decoder=running_cell"])
+    with mode:
+        inputs = step_inputs(cfg, model)
+    assert inputs[1].shape == (BATCH, 196 + 1 + 1568)
+    out, calls, audit, _ = traced_step(mode, model, inputs, {})
+    assert [(tuple(t.shape), t.dtype, t.device) for t in out] == [((), torch.float32, CUDA)] * 3
+    want = expected_ops(cfg)
+    want.insert(1, "decoder_masking")
+    assert [(c.op, c.backend, c.device) for c in calls] == \
+        [(op, "reference" if op == "decoder_masking" else readme_backend(op), CUDA) for op in want]
+    assert audit.mixed == [] and audit.cpu == [] and audit.real == [] and audit.h2d == []
+    targets = [o for o in audit.custom if o.name == "fastmam::masked_target"]
+    assert targets and all(o.inputs[-1][0] == (BATCH, 704) for o in targets), targets

@@ -65,6 +65,11 @@ def test_block_formulas_equal_what_autograd_saves(tokens, dim, heads, ratio):
     ["targets.appearance=random_codes", "targets.codebook_size=64"],
     ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"],
     ["model.activation_checkpointing=true"],
+    # decoder masking: the regressor and decoders keep activations of the Nd decoded tokens only
+    ["masking.decoder=running_cell"],
+    ["model.regressor_depth=0", "masking.decoder=random", "masking.decoder_ratio=0.3"],
+    ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all",
+     "masking.decoder=running_cell", "masking.decoder_ratio=0.25", "model.activation_checkpointing=true"],
 ])
 def test_activation_estimate_matches_a_measured_forward(overrides, rng):
     cfg = load_config("tiny", ["data.batch_size=3", *overrides])

@@ -5,16 +5,19 @@ Data flow of one step (DESIGN §4)::
     uint8 clip (B, T, H, W, C), noise
       tube_mask_gather  -> visible patches (B, Nv, t*p*p*C), ids_keep, ids_masked, mask
       forward_encoder   -> latents (B, Nv, D)          linear patch embed + sinusoid pos + ViT blocks
-      forward_regressor -> masked latents (B, Nm, D)   mask queries cross-attend the latents (CAE)
-      forward_decoders  -> appearance hidden (B, Nm, Da), motion prediction (B, Nm, Dm)
-      targets           -> pixels or codes, RGB differences (masked tokens only, from the same clip)
-      dual_decoder_loss -> total, appearance, motion
+      decoder_masking   -> ids_decode (B, Nd)          VideoMAE V2's subset of ids_masked (masking.decoder), else
+                                                       Nd = Nm and ids_decode = ids_masked
+      forward_regressor -> masked latents (B, Nd, D)   mask queries cross-attend the latents (CAE)
+      forward_decoders  -> appearance hidden (B, Nd, Da), motion prediction (B, Nd, Dm)
+      targets           -> pixels or codes, RGB differences (ids_decode tokens only, from the same clip)
+      dual_decoder_loss -> total, appearance, motion (means over the B * Nd decoded tokens)
 
 Codes come from the tokenizer inside the step (``targets.codes: online``; a frozen VQGAN, kept out of
 the module tree that DeepSpeed casts, partitions and checkpoints) or with the batch (``cached``).
 
 With ``regressor_depth == 0`` the model is VideoMAE's: no regressor, and each decoder sees the
-visible latents and mask tokens together and predicts the masked ones.
+visible latents and mask tokens together and predicts the masked ones. The model predicts whichever masked tokens
+it is given (``ids_masked`` of its methods): all of them, or ``ids_decode`` with decoder masking.
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ckpt: bool, *extra: torc
 class Decoder(nn.Module):
     """One decoder: embed (D -> Dd) + sinusoid positions, blocks, norm -> hidden (B, Nm, Dd).
 
-    ``full_sequence`` (VideoMAE): the input is the visible latents; mask tokens are appended and the
-    hidden states of the masked positions are returned. Otherwise (MAM2) the input is already one
-    latent per masked token.
+    ``full_sequence`` (VideoMAE): the input is the visible latents; mask tokens are appended at the positions of
+    ``ids_masked`` (all masked tokens, or only ``ids_decode``) and their hidden states are returned. Otherwise (MAM2)
+    the input is already one latent per token of ``ids_masked``.
     """
 
     def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, qkv_bias, num_tokens, full_sequence, ckpt, attend):
@@ -238,13 +241,46 @@ class Pretrainer(nn.Module):
         return self._tokenizer
 
     def noise_shape(self, batch: int) -> tuple[int, int]:
-        """Shape of the masking noise: (B, S) for tube masking, (B, N) for per-token masking."""
+        """Shape of the masking noise: (B, S) for tube masking, (B, N) for per-token masking; with decoder masking
+        ``decoder_noise_positions(N) = 1 + N`` more columns follow, the decoder's own (``split_noise``)."""
         s = (self.cfg.data.img_size // self.cfg.model.patch) ** 2
-        return (batch, s) if self.cfg.masking.kind == "tube" else (batch, self.cfg.num_tokens)
+        positions = s if self.cfg.masking.kind == "tube" else self.cfg.num_tokens
+        if self.cfg.masking.decoder != "none":
+            positions += ops.decoder_noise_positions(self.cfg.num_tokens)
+        return batch, positions
+
+    def split_noise(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``noise_shape(B)`` noise -> (the encoder mask's (B, S) or (B, N), the decoder masking's (B, 1 + N) or
+        None without decoder masking). One draw per step feeds both, so a resumed run masks exactly the same."""
+        if self.cfg.masking.decoder == "none":
+            return noise, None
+        positions = self.noise_shape(1)[1]
+        decoder = ops.decoder_noise_positions(self.cfg.num_tokens)
+        if noise.dim() != 2 or noise.shape[1] != positions:
+            raise ValueError(
+                f"noise of shape {tuple(noise.shape)} does not match the config: with masking.decoder="
+                f"'{self.cfg.masking.decoder}' it is noise_shape(B) = (B, {positions}): the encoder mask's "
+                f"{positions - decoder} positions, then the decoder's {decoder} columns"
+            )
+        encoder = positions - decoder
+        # contiguous copies: a few bytes per clip, and every backend's kernels take plain (B, P) rows
+        return noise[:, :encoder].contiguous(), noise[:, encoder:].contiguous()
+
+    def decoded_ids(self, ids_masked: torch.Tensor, decoder_noise: torch.Tensor | None) -> torch.Tensor:
+        """The masked tokens the regressor, decoders, targets and loss cover: ``ids_decode`` (B, Nd) of VideoMAE V2's
+        decoder masking (``masking.decoder``), or ``ids_masked`` itself (B, Nm) without it."""
+        mk = self.cfg.masking
+        if mk.decoder == "none":
+            return ids_masked
+        m, d = self.cfg.model, self.cfg.data
+        grid = (d.num_frames // m.tubelet, d.img_size // m.patch, d.img_size // m.patch)
+        # sorts of (B, N) values on the device; there is no fused kernel of it (nor a need: it touches no pixels)
+        return ops.decoder_masking(decoder_noise, ids_masked, mk.decoder_ratio, grid, mk.decoder, backend="reference")
 
     def appearance_codes(self, clip: torch.Tensor, ids_masked: torch.Tensor,
                          frame_codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Code targets of the masked tokens: (B, Nm) int64, or (B, Nm, t) for ``code_frame: all``.
+        """Code targets of the tokens of ``ids_masked`` (B, M) (all masked tokens, or ``ids_decode``): (B, M) int64,
+        or (B, M, t) for ``code_frame: all``.
 
         frame_codes: (B, T, H/p, W/p) integer codes of every clip frame from the loader (cached codes); None:
         the tokenizer encodes the code frames of ``clip`` (B, T, H, W, C) uint8."""
@@ -285,18 +321,21 @@ class Pretrainer(nn.Module):
         if dense and next_clip is None:
             raise ValueError("targets.motion='rgb_diff_dense' needs next_clip (the loader's 'next_video')")
         be = self.backend
+        noise, decoder_noise = self.split_noise(noise)
         vis = ops.tube_mask_gather(clip, noise, cfg.masking.ratio, m.tubelet, m.patch, cfg.data.mean, cfg.data.std,
                                    out_dtype=self.model.patch_embed.weight.dtype, masking=cfg.masking.kind, backend=be)
-        out = self.model(vis.patches, vis.ids_keep, vis.ids_masked)
+        # the tokens to reconstruct: every masked one, or VideoMAE V2's decoder subset; the targets are computed
+        # for those alone
+        ids = self.decoded_ids(vis.ids_masked, decoder_noise)
+        out = self.model(vis.patches, vis.ids_keep, ids)
         with torch.no_grad():
             if self.uses_codes:
-                target = self.appearance_codes(clip, vis.ids_masked, codes)
+                target = self.appearance_codes(clip, ids, codes)
             else:
-                target = ops.pixel_target(clip, vis.ids_masked, m.tubelet, m.patch, cfg.targets.normalize_pixels,
-                                          backend=be)
+                target = ops.pixel_target(clip, ids, m.tubelet, m.patch, cfg.targets.normalize_pixels, backend=be)
             motion_target = None
             if out.motion_pred is not None:
-                motion_target = ops.rgb_diff_target(clip, vis.ids_masked, m.tubelet, m.patch,
+                motion_target = ops.rgb_diff_target(clip, ids, m.tubelet, m.patch,
                                                     cfg.targets.normalize_motion,
                                                     next_clip=next_clip if dense else None, backend=be)
         head = self.model.appearance_head
@@ -307,6 +346,6 @@ class Pretrainer(nn.Module):
         # code_frame 'all': t appearance rows per masked token (B*Nm*t rows through the same fused head + CE) but
         # one motion row per token; the motion term is the one dual_decoder_loss computes, over the B*Nm tokens
         appearance = ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, backend=be).appearance
-        tokens = vis.ids_masked.numel()
+        tokens = ids.numel()
         motion = motion_term(out.motion_pred, motion_target, tokens, None, appearance)
         return ops.LossOutput(wa * appearance + wm * motion, appearance, motion)

@@ -18,7 +18,18 @@ from .gather import (
     tube_mask_gather_reference,
 )
 from .loss import LossOutput, dual_decoder_loss, dual_decoder_loss_reference
-from .masking import Masking, random_masking, random_masking_reference, tube_masking, tube_masking_reference
+from .masking import (
+    Masking,
+    decoder_masking,
+    decoder_masking_reference,
+    decoder_noise_positions,
+    num_decoded,
+    random_masking,
+    random_masking_reference,
+    running_cell_map,
+    tube_masking,
+    tube_masking_reference,
+)
 from .targets import pixel_target, pixel_target_reference, rgb_diff_target, rgb_diff_target_reference
 
 __all__ = [
@@ -28,11 +39,15 @@ __all__ = [
     "MaskedPatches",
     "Masking",
     "available",
+    "decoder_masking",
+    "decoder_masking_reference",
+    "decoder_noise_positions",
     "dual_decoder_loss",
     "dual_decoder_loss_reference",
     "gather_tokens",
     "gather_tokens_reference",
     "normalize_patches",
+    "num_decoded",
     "patchify_reference",
     "pixel_target",
     "pixel_target_reference",
@@ -40,6 +55,7 @@ __all__ = [
     "random_masking_reference",
     "rgb_diff_target",
     "rgb_diff_target_reference",
+    "running_cell_map",
     "scatter_tokens",
     "scatter_tokens_reference",
     "tube_mask_gather",

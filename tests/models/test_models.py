@@ -3,7 +3,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from fastmam import ops
 from fastmam.config import PRESET_DIR, build_config, load_config
 from fastmam.models import Pretrainer, RandomTokenizer, clip_codes, sinusoid_table
 from fastmam.models.tokenizer import code_frames, select_code_frames, token_codes
@@ -85,6 +87,8 @@ def test_encoder_sees_only_visible_tokens(rng):
     ["targets.appearance=random_codes", "targets.codebook_size=64"],  # code targets, CE
     ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"],  # t codes per token
     ["masking.kind=random", "model.activation_checkpointing=true"],
+    ["masking.decoder=running_cell"],                                # VideoMAE V2's decoder masking, MAM2's layout
+    ["model.regressor_depth=0", "masking.decoder=random", "masking.decoder_ratio=0.3"],  # and VideoMAE's layout
 ])
 def test_forward_backward_all_parameters_get_gradients(extra, rng):
     cfg = build_config({}, SMALL + extra)
@@ -173,3 +177,122 @@ def test_cached_codes_give_the_same_loss_as_online_codes(frame, rng):
     assert p.appearance_codes(clip, vis_masked, every).shape == ((2, 4, 2) if frame == "all" else (2, 4))
     with pytest.raises(ValueError, match=r"do not match the clip: expected \(B, T, H/p, W/p\)"):
         p(clip, noise, codes=every[:, :2])
+
+
+# --------------------------------------------------------------------------- decoder masking (VideoMAE V2)
+
+DECODER_MASKING = {
+    "mam2_pixels": ["masking.decoder=running_cell"],
+    "mam2_codes": ["masking.decoder=random", "masking.decoder_ratio=0.3", "targets.appearance=random_codes",
+                   "targets.codebook_size=64"],
+    "mam2_codes_every_frame": ["masking.decoder=running_cell", "targets.appearance=random_codes",
+                               "targets.codebook_size=64", "targets.code_frame=all"],
+    "videomae_pixels_motion": ["model.regressor_depth=0", "masking.decoder=running_cell", "masking.decoder_ratio=0.25"],
+    "videomae_codes": ["model.regressor_depth=0", "masking.decoder=running_cell", "targets.appearance=random_codes",
+                       "targets.codebook_size=64", "targets.motion=none", "loss.motion_weight=0"],
+    "videomae_v2": ["model.regressor_depth=0", "masking.decoder=running_cell", "targets.motion=none",
+                    "loss.motion_weight=0", "targets.normalize_pixels=true", "masking.kind=random"],
+}
+
+
+@pytest.mark.parametrize("case", list(DECODER_MASKING))
+def test_decoder_masking_loss_is_the_full_target_restricted_to_ids_decode(case, rng):
+    """With decoder masking the step computes its targets for ids_decode only; its loss equals the loss's
+    specification applied to the targets of *all* masked tokens restricted to ids_decode, and to the model's
+    predictions of those tokens: a mean over the B * Nd decoded tokens."""
+    cfg = build_config({}, SMALL + DECODER_MASKING[case])
+    torch.manual_seed(0)
+    p = Pretrainer(cfg)
+    m, b = cfg.model, 2
+    clip = random_clip((b, 4, 32, 32, 3), rng)
+    noise = torch.rand(p.noise_shape(b), generator=rng)
+    got = p(clip, noise)
+
+    encoder_noise, decoder_noise = p.split_noise(noise)
+    vis = ops.tube_mask_gather(clip, encoder_noise, cfg.masking.ratio, m.tubelet, m.patch, cfg.data.mean,
+                               cfg.data.std, masking=cfg.masking.kind)
+    ids = ops.decoder_masking(decoder_noise, vis.ids_masked, cfg.masking.decoder_ratio, (2, 4, 4),
+                              cfg.masking.decoder)
+    nm, nd = vis.ids_masked.shape[1], ids.shape[1]
+    assert nd == nm - int(cfg.masking.decoder_ratio * nm) < nm
+    where = torch.searchsorted(vis.ids_masked, ids)  # rows of the decoded tokens among the masked ones
+
+    def restrict(full):
+        index = where.view(b, nd, *([1] * (full.dim() - 2))).expand(-1, -1, *full.shape[2:])
+        return full.gather(1, index)
+
+    tg = cfg.targets
+    if p.uses_codes:
+        target = restrict(p.appearance_codes(clip, vis.ids_masked))
+    else:
+        target = restrict(ops.pixel_target_reference(clip, vis.ids_masked, m.tubelet, m.patch, tg.normalize_pixels))
+    motion_target = None
+    if tg.motion != "none":
+        motion_target = restrict(ops.rgb_diff_target_reference(clip, vis.ids_masked, m.tubelet, m.patch,
+                                                               tg.normalize_motion))
+    with torch.no_grad():
+        out = p.model(vis.patches, vis.ids_keep, ids)
+    head, wa, wm = p.model.appearance_head, cfg.loss.appearance_weight, cfg.loss.motion_weight
+    assert out.appearance_hidden.shape[:2] == (b, nd)
+    if p.codes_per_token == 1:
+        want = ops.dual_decoder_loss_reference(out.appearance_hidden, head.weight, head.bias, target,
+                                               out.motion_pred, motion_target, wa, wm)
+    else:  # one code per frame: t appearance rows per decoded token, one motion row
+        appearance = ops.dual_decoder_loss_reference(out.appearance_hidden, head.weight, head.bias, target).appearance
+        diff = (out.motion_pred - motion_target).float()
+        motion = diff.square().mean(-1).sum() / (b * nd)
+        want = ops.LossOutput(wa * appearance + wm * motion, appearance, motion)
+    for name, g, w in zip(("total", "appearance", "motion"), got, want, strict=True):
+        assert torch.equal(g.detach(), w.detach()), f"{name}: {g.item()!r} != {w.item()!r}"
+    # the appearance term is the mean over the decoded tokens (and their code rows), by the definition
+    with torch.no_grad():
+        logits = head(out.appearance_hidden).double()
+        per_row = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+                   if p.uses_codes else (logits - target.double()).square().mean(-1).reshape(-1))
+    assert per_row.numel() == b * nd * p.codes_per_token
+    assert abs(got.appearance.item() - per_row.mean().item()) <= 1e-5 * per_row.mean().item()
+
+
+@pytest.mark.parametrize("layout", ["mam2", "videomae"])
+def test_decoder_masking_runs_regressor_and_decoders_on_decoded_tokens_only(layout, rng):
+    extra = ["masking.decoder=running_cell"] + (["model.regressor_depth=0"] if layout == "videomae" else [])
+    cfg = build_config({}, SMALL + extra)
+    p = Pretrainer(cfg)
+    seen = {}
+
+    def hook(name):
+        def record(mod, inp, out):
+            seen.setdefault(name, tuple(x.shape[1] for x in inp))  # the first call (no return: keep the output)
+        return record
+
+    p.model.blocks[0].register_forward_hook(hook("encoder"))
+    p.model.appearance_decoder.blocks[0].register_forward_hook(hook("appearance"))
+    p.model.motion_decoder.blocks[0].register_forward_hook(hook("motion"))
+    if layout == "mam2":
+        p.model.regressor[0].register_forward_hook(hook("regressor"))
+    p(random_clip((2, 4, 32, 32, 3), rng), torch.rand(p.noise_shape(2), generator=rng))
+    # 2 slices of 4x4, 12 of 16 hidden: Nv = 8, Nm = 24, Nd = 24 - int(0.5 * 24) = 12
+    nv, nd = 8, 12
+    assert seen["encoder"] == (nv,)
+    if layout == "mam2":
+        assert seen["regressor"] == (nd, nv)  # the decoded tokens' queries; the visible latents as context
+        assert seen["appearance"] == seen["motion"] == (nd,)
+    else:
+        assert seen["appearance"] == seen["motion"] == (nv + nd,)  # visible latents + the decoded mask tokens
+
+
+def test_decoder_masking_noise_layout(rng):
+    """One draw per step: the encoder mask's columns, then the decoder's (1 + N). Without decoder masking the noise
+    and everything computed from it are unchanged."""
+    plain = Pretrainer(build_config({}, SMALL))
+    dual = Pretrainer(build_config({}, SMALL + ["masking.decoder=running_cell"]))
+    assert plain.noise_shape(3) == (3, 16) and dual.noise_shape(3) == (3, 16 + 1 + 32)
+    noise = torch.rand(3, 16, generator=rng)
+    assert plain.split_noise(noise) == (noise, None)
+    ids = torch.arange(5).expand(3, -1)
+    assert plain.decoded_ids(ids, None) is ids
+    full = torch.rand(dual.noise_shape(3), generator=rng)
+    enc, dec = dual.split_noise(full)
+    assert torch.equal(enc, full[:, :16]) and torch.equal(dec, full[:, 16:]) and enc.is_contiguous()
+    with pytest.raises(ValueError, match=r"noise_shape\(B\) = \(B, 49\).*16 positions, then the decoder's 33"):
+        dual(random_clip((3, 4, 32, 32, 3), rng), noise)
