@@ -113,7 +113,8 @@ setup(
         # transformers: the export is loaded by its VideoMAEModel, and VideoMAEForPreTraining is the step peer
         "test": [
             "pytest>=7", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.12", "triton>=3.0", "matplotlib>=3.5",
-            "scikit-video",
+            "scikit-video", "scikit-image>=0.19",  # scikit-image: HOG cell histograms, hog_target's independent check
+            "opencv-python-headless>=4.8",  # optical flow of the trajectory extraction (fastmam.data.trajectories)
             "transformers>=4.46", "timm>=1.0", "torchvision",
             "decord>=0.6; platform_machine == 'x86_64'", "nvidia-dali-cuda120>=1.40; platform_machine == 'x86_64'",
         ],
@@ -121,6 +122,8 @@ setup(
         # videos); torchvision must be the build made for the installed torch (0.29.1 beside torch 2.14.1)
         "finetune": ["timm>=1.0", "torchvision"],
         "decord": ["decord>=0.6"],
+        # optical flow (DIS, Farneback) for python -m fastmam.data.trajectories
+        "trajectories": ["opencv-python-headless>=4.8"],
         "tensorboard": ["tensorboard>=2.12"],
         "dali": ["nvidia-dali-cuda120"],
         "flash-attn": ["flash-attn>=2.5"],

@@ -73,7 +73,7 @@ NOT_IMPORTED = frozenset({"transformers", "tensorboard", "taming", "torchvision"
 DISTRIBUTIONS = {"taming": "taming-transformers", "yaml": "PyYAML", "av": "av"}
 #: the public ops of ``fastmam.ops`` whose backend the report shows
 OPS = ("tube_mask_gather", "pixel_target", "rgb_diff_target", "dual_decoder_loss", "gather_tokens", "scatter_tokens",
-       "tube_masking", "random_masking")
+       "tube_masking", "random_masking", "decoder_masking", "hog_target", "trajectory_target")
 #: what every configuration of fastmam/pretrain.py calls (Pretrainer.forward): the masking gather and the loss;
 #: the two target ops only when their target is configured
 STEP_OPS = ("tube_mask_gather", "dual_decoder_loss")

@@ -8,7 +8,8 @@ package, a name that belongs to an existing PyPI project.
   pixel / RGB-difference targets (``pixel_target``, ``rgb_diff_target``);
 - ``cross_entropy``: the codebook cross-entropy with its gradient, in place, for the fused
   chunked ``dual_decoder_loss``;
-- ``tokens``: ``gather_tokens`` / ``scatter_tokens``.
+- ``tokens``: ``gather_tokens`` / ``scatter_tokens``;
+- ``motion``: MME's motion targets of the selected tokens (``hog_target``, ``trajectory_target``).
 
 ``fastmam.ops`` imports them on first use (its Triton backend; ``fastmam.ops.available(op)`` lists
 which ops have one). On CPU tensors they run only under ``TRITON_INTERPRET=1`` (tests).

@@ -62,6 +62,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: presets whose users also pass VideoMAE's own clips: normalized float (B, C, T, H, W), layout 'BCTHW'
 VIDEOMAE_LAYOUT_PRESETS = ("videomae_vit_b",)
 CHANNELS = 3
+#: steps L of MME's trajectories (its scripts' and the extraction's default)
+TRAJECTORY_STEPS = 4
 #: maximum shared memory per block (opt-in) in bytes, CUDA C++ Programming Guide, "Technical Specifications per
 #: Compute Capability": 163 KB on sm_80/87, 99 KB on sm_86/89/120, 227 KB on sm_90/100
 MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448, 120: 101376}
@@ -164,10 +166,11 @@ def _preset_launches(preset: str, codebook_sizes: Sequence[int]) -> list[tuple[s
     from fastmam.config import load_config
     from fastmam.flops import token_counts
     from fastmam.ops import _triton
+    from fastmam.ops import motion_targets as mt
     from fastmam.ops._checks import clip_geometry
     from fastmam.ops.targets import Diff, target_rows
 
-    from . import cross_entropy, patches, tokens
+    from . import cross_entropy, motion, patches, tokens
 
     cfg = load_config(preset)
     m, d = cfg.model, cfg.data
@@ -205,6 +208,21 @@ def _preset_launches(preset: str, codebook_sizes: Sequence[int]) -> list[tuple[s
                 record(f"{op} {layout} {short(clip.dtype)} normalize={normalize}", patches.masked_target,
                        clip, next_clip, ids_masked, tub, p, normalize, *stats, layout, geometry, int(diff),
                        target_rows(tub, p, diff))
+    # MME's motion targets of the masked tokens, at the preset's geometry (no preset selects them yet: checked for
+    # every preset so that their kernels compile wherever the model may run): HOG with the defaults (Sobel, per-token
+    # L2) and with central differences unnormalized (scikit-image's); trajectories of TRAJECTORY_STEPS steps as
+    # float32 and as the cache's float16, both normalizations
+    clip = clips[0][1]
+    for sobel, normalize in ((True, True), (False, False)):
+        record(f"hog_target sobel={sobel} normalize={normalize}", motion.hog_target, clip, ids_masked, tub, p, 0,
+               mt.HOG_CELL, mt.HOG_BINS, sobel, normalize, mt.HOG_EPS, clip_geometry(clip, "BTHWC", tub, p))
+    grid = (b, t // tub, size // mt.TRAJECTORY_GRID, size // mt.TRAJECTORY_GRID)
+    valid = torch.empty(grid, dtype=torch.bool, device=meta)
+    for dtype in (torch.float32, torch.float16):
+        disp = torch.empty(*grid, TRAJECTORY_STEPS, 2, dtype=dtype, device=meta)
+        for patch_std in (False, True):
+            record(f"trajectory_target {short(dtype)} patch_std={patch_std}", motion.trajectory_target, disp, valid,
+                   ids_masked, p // mt.TRAJECTORY_GRID, patch_std, mt.TRAJECTORY_BOUND, mt.TRAJECTORY_EPS)
     rows = b * masked  # dual_decoder_loss: the masked tokens' appearance rows (x t with code_frame 'all')
     for k in codebook_sizes:
         h = torch.empty(rows, m.decoder_dim, device=meta)
@@ -230,8 +248,8 @@ def specializations(presets: Sequence[str] = DEFAULT_PRESETS,
     Per preset: ``tube_mask_gather`` of its uint8 (B, T, H, W, 3) clips into fp32 / bf16 / fp16 patches (plus
     VideoMAE's float (B, 3, T, H, W) clips for ``VIDEOMAE_LAYOUT_PRESETS``), both target ops in every mode
     (pixels, in-tubelet and dense differences; normalized or not), the fused cross-entropy for each codebook
-    size, and ``gather_tokens`` / ``scatter_tokens`` of fp32 / bf16 / fp16 tokens of the encoder and decoder
-    widths."""
+    size, ``gather_tokens`` / ``scatter_tokens`` of fp32 / bf16 / fp16 tokens of the encoder and decoder
+    widths, and MME's ``hog_target`` / ``trajectory_target`` of the masked tokens."""
     backend = _cuda_backend()
     found: dict[Spec, Spec] = {}
     for preset in presets:

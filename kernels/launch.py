@@ -70,6 +70,23 @@ def copy_rows_params(dim: int, scatter: bool) -> LaunchParams:
     return LaunchParams(dict(SCATTER=scatter, BLOCK_D=min(COPY_ROWS_MAX_BLOCK_D, next_power_of_2(dim))))
 
 
+def hog_target_params(tubelet: int, patch: int, cell: int, bins: int, channels: int, sobel: bool,
+                      normalize: bool) -> LaunchParams:
+    """``_hog_target_fwd_kernel``: one program per token, a loop over its (p/cell)^2 cells, each a (cell^2, bins, C)
+    block of votes (p=16, 8-px cells, 9 bins: 4 x (64, 16, 4))."""
+    return LaunchParams(dict(TUBELET=tubelet, PATCH=patch, CELL=cell, BINS=bins, C=channels,
+                             BLOCK_PIX=next_power_of_2(cell * cell), BLOCK_CELLS=next_power_of_2((patch // cell) ** 2),
+                             BLOCK_BINS=next_power_of_2(bins), BLOCK_C=next_power_of_2(channels), SOBEL=sobel,
+                             NORMALIZE=normalize))
+
+
+def trajectory_target_params(side: int, steps: int, patch_std: bool) -> LaunchParams:
+    """``_trajectory_target_fwd_kernel``: one program per token, a (points, steps, 2) block (``side``: points per
+    token side, p / 8)."""
+    return LaunchParams(dict(Q=side, L=steps, BLOCK_P=next_power_of_2(side * side), BLOCK_L=next_power_of_2(steps),
+                             PATCH_STD=patch_std))
+
+
 # --------------------------------------------------------------------------- the launch site
 
 

@@ -84,7 +84,8 @@ OBJECTIVES = {
 #: reference's MSE inside the Triton backend (no kernel to fuse: the pixel head's output is small)
 TRITON_OPS = {"tube_mask_gather": "fastmam::gather_normalize", "pixel_target": "fastmam::masked_target",
               "rgb_diff_target": "fastmam::masked_target", "gather_tokens": "fastmam::copy_rows",
-              "scatter_tokens": "fastmam::copy_rows"}
+              "scatter_tokens": "fastmam::copy_rows", "hog_target": "fastmam::hog_target",
+              "trajectory_target": "fastmam::trajectory_target"}
 
 
 def readme_backend(op: str) -> str:
@@ -443,6 +444,8 @@ def _op_cases(dtype=torch.bfloat16):
     motion = torch.randn(b, ids.shape[1], 768, device=CUDA, dtype=dtype)
     motion_t = torch.randn(b, ids.shape[1], 768, device=CUDA)
     tokens = torch.randn(b, n, 768, device=CUDA, dtype=dtype)
+    disp = torch.randn(b, t // tub, s // 8, s // 8, 4, 2, device=CUDA, dtype=torch.float16)  # MME's L=4 trajectories
+    valid = torch.ones(b, t // tub, s // 8, s // 8, dtype=torch.bool, device=CUDA)
     return {
         "tube_mask_gather": lambda be: ops.tube_mask_gather(clip, noise, 0.9, tub, p, MEAN, STD, dtype, backend=be),
         "tube_mask_gather[BCTHW]": lambda be: ops.tube_mask_gather(bcthw, noise, 0.9, tub, p, out_dtype=dtype,
@@ -454,6 +457,8 @@ def _op_cases(dtype=torch.bfloat16):
         "dual_decoder_loss": lambda be: ops.dual_decoder_loss(h, head, None, codes, motion, motion_t, backend=be),
         "gather_tokens": lambda be: ops.gather_tokens(tokens, ids, backend=be),
         "scatter_tokens": lambda be: ops.scatter_tokens(tokens[:, :ids.shape[1]], ids, n, backend=be),
+        "hog_target": lambda be: ops.hog_target(clip, ids, tub, p, backend=be),
+        "trajectory_target": lambda be: ops.trajectory_target(disp, valid, ids, tub, p, "patch_std", backend=be),
     }
 
 

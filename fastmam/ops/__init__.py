@@ -30,6 +30,13 @@ from .masking import (
     tube_masking,
     tube_masking_reference,
 )
+from .motion_targets import (
+    hog_target,
+    hog_target_reference,
+    trajectory_loss,
+    trajectory_target,
+    trajectory_target_reference,
+)
 from .targets import pixel_target, pixel_target_reference, rgb_diff_target, rgb_diff_target_reference
 
 __all__ = [
@@ -46,6 +53,8 @@ __all__ = [
     "dual_decoder_loss_reference",
     "gather_tokens",
     "gather_tokens_reference",
+    "hog_target",
+    "hog_target_reference",
     "normalize_patches",
     "num_decoded",
     "patchify_reference",
@@ -58,6 +67,9 @@ __all__ = [
     "running_cell_map",
     "scatter_tokens",
     "scatter_tokens_reference",
+    "trajectory_loss",
+    "trajectory_target",
+    "trajectory_target_reference",
     "tube_mask_gather",
     "tube_mask_gather_reference",
     "tube_masking",

@@ -17,6 +17,7 @@ from . import _backend
 from ._checks import clip_geometry, stat_list
 from .gather import GatherInputs, MaskedPatches, mask_clip
 from .loss import LossOutput, _dual_decoder_loss_reference, motion_term, token_scale
+from .motion_targets import TRAJECTORY_GRID, HogInputs, TrajectoryInputs, hog_values, trajectory_values
 from .targets import Diff, TargetInputs, target_rows
 
 
@@ -209,3 +210,49 @@ if importlib.util.find_spec("triton") is not None:
     _backend.register("dual_decoder_loss", "triton", dual_decoder_loss_triton)
     _backend.register("gather_tokens", "triton", gather_tokens_triton)
     _backend.register("scatter_tokens", "triton", scatter_tokens_triton)
+
+
+# --------------------------------------------------------------------------- MME's motion targets (kernels/motion.py)
+
+
+@torch.library.custom_op("fastmam::hog_target", mutates_args=())
+def _hog_target_op(clip: torch.Tensor, ids: torch.Tensor, tubelet: int, patch: int, offset: int, cell: int,
+                   bins: int, sobel: bool, normalize: bool, eps: float) -> torch.Tensor:
+    from fastmam.kernels import motion
+
+    geometry = clip_geometry(clip, "BTHWC", tubelet, patch)
+    return motion.hog_target(clip, ids, tubelet, patch, offset, cell, bins, sobel, normalize, eps, geometry)
+
+
+@_hog_target_op.register_fake
+def _(clip, ids, tubelet, patch, offset, cell, bins, sobel, normalize, eps):
+    return clip.new_empty((ids.shape[0], ids.shape[1], hog_values(patch, cell, bins, clip.shape[-1])),
+                          dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmam::trajectory_target", mutates_args=())
+def _trajectory_target_op(disp: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, side: int, patch_std: bool,
+                          bound: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastmam.kernels import motion
+
+    return motion.trajectory_target(disp, valid, ids, side, patch_std, bound, eps)
+
+
+@_trajectory_target_op.register_fake
+def _(disp, valid, ids, side, patch_std, bound, eps):
+    shape = (ids.shape[0], ids.shape[1], trajectory_values(side * TRAJECTORY_GRID, disp.shape[-2]))
+    return disp.new_empty(shape, dtype=torch.float32), disp.new_empty(shape, dtype=torch.float32)
+
+
+def hog_target_triton(clip, tubelet, patch, args: HogInputs):
+    return _hog_target_op(clip, args.ids, tubelet, patch, args.offset, args.cell, args.bins, args.sobel,
+                          args.normalize, args.eps)
+
+
+def trajectory_target_triton(disp, valid, args: TrajectoryInputs):
+    return _trajectory_target_op(disp, valid, args.ids, args.side, args.patch_std, args.bound, args.eps)
+
+
+if importlib.util.find_spec("triton") is not None:
+    _backend.register("hog_target", "triton", hog_target_triton)
+    _backend.register("trajectory_target", "triton", trajectory_target_triton)
