@@ -11,6 +11,8 @@ For every objective and seed, ``fastmam/pretrain.py`` trains the preset (``--con
   loss.motion_weight=0``, as ``configs/videomae_vit_b.yaml``);
 - ``pixel_motion``: no regressor, pixels + RGB difference (``model.regressor_depth=0``);
 - ``mam2``: the preset itself (encoder - regressor - two decoders);
+- ``mam2_decoder_masking``: ``mam2`` with VideoMAE V2's decoder masking (``masking.decoder=running_cell``, half of
+  the masked tokens reconstructed);
 - ``random``: the ``mam2`` model at initialization (``torch.manual_seed(seed)`` then ``Pretrainer(cfg)``, what
   ``pretrain.train`` builds before its first step): the control every pretrained encoder must beat.
 
@@ -74,6 +76,7 @@ OBJECTIVES: dict[str, list[str]] = {
     "videomae": ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0"],
     "pixel_motion": ["model.regressor_depth=0"],
     "mam2": [],
+    "mam2_decoder_masking": ["masking.decoder=running_cell"],
 }
 RANDOM = "random"
 PROBES = ("knn", "linear", "linear_time", "attentive")
