@@ -60,6 +60,10 @@ class ModelConfig(_Section):
     decoder_dim: int = Field(384, ge=1)
     decoder_depth: int = Field(2, ge=1)
     decoder_heads: int = Field(6, ge=1)
+    shared_decoder: bool = Field(
+        False, description="MME's layout: ONE decoder whose output feeds one Linear-GELU-Linear head per target "
+        "(hidden width decoder_dim); false: a decoder per target (MAM2), each with a linear head"
+    )
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "flash_attn", "xformers"] = Field(
         "sdpa", description="attention op: PyTorch SDPA (flash kernel first on CUDA), or the flash-attn / xformers "
@@ -146,10 +150,17 @@ class TargetsConfig(_Section):
     ``python -m fastmam.data.code_cache`` into ``code_cache``, read with the video through the same crop and flip).
     motion: ``rgb_diff`` (differences of consecutive frames inside each tubelet, MSE),
     ``rgb_diff_dense`` (each sampled frame minus the raw frame right after it, which the video
-    loaders supply as ``next_video``), or ``none``.
+    loaders supply as ``next_video``), ``trajectory`` (MME: where the token's points on the 8-px grid move over the
+    next ``trajectory_length`` frames, ``ops.trajectory_target`` normalized by ``trajectory_norm``, masked MSE
+    ``ops.trajectory_loss`` over the valid points; the loader supplies the trajectories -- for now only the synthetic
+    source, from its shapes' true motion), or ``none``.
+    appearance ``hog`` (MME's shape target): ``ops.hog_target`` of each tubelet's first frame -- 9 orientation bins x
+    8-px cells x RGB, L2-normalized per token (108 values for p=16) -- regressed with MSE by a linear head.
+    trajectory_norm: ``patch_std`` (MME's scripts' ``--traj_norm PatchStd``, the default: per-token z-score, removes
+    the patch's common motion) or ``global`` (divide by 16 px per step, clipped: keeps the absolute motion).
     """
 
-    appearance: Literal["pixel", "vqgan", "random_codes"] = "pixel"
+    appearance: Literal["pixel", "vqgan", "random_codes", "hog"] = "pixel"
     normalize_pixels: bool = True
     codebook_size: int = Field(
         8192, ge=2, description="random_codes' codebook; with vqgan the codebook is targets.vqgan.n_embed"
@@ -158,8 +169,17 @@ class TargetsConfig(_Section):
     codes: Literal["online", "cached"] = "online"
     code_cache: str = Field("", description="folder written by `python -m fastmam.data.code_cache` (codes: cached)")
     vqgan: VQGANConfig = VQGANConfig()
-    motion: Literal["rgb_diff", "rgb_diff_dense", "none"] = "rgb_diff"
+    motion: Literal["rgb_diff", "rgb_diff_dense", "trajectory", "none"] = "rgb_diff"
     normalize_motion: bool = False
+    trajectory_length: int = Field(4, ge=1, description="trajectory: steps L each point is followed (MME: 4)")
+    trajectory_norm: Literal["patch_std", "global"] = Field(
+        "patch_std", description="trajectory: per-token z-score (MME's PatchStd) or a global bound of 16 px/step"
+    )
+
+    @property
+    def uses_codes(self) -> bool:
+        """Whether the appearance target is a code index per token (cross-entropy), not a float vector (MSE)."""
+        return self.appearance in ("vqgan", "random_codes")
 
     @property
     def num_codes(self) -> int:
@@ -399,6 +419,7 @@ class Config(_Section):
             )
         if tg.codes == "cached" and d.source != "video":
             raise ValueError("targets.codes='cached' needs data.source='video' (a cache holds a video list's codes)")
+        self._motion_target_rules()
         if self.loss.appearance_weight == 0 and (self.targets.motion == "none" or self.loss.motion_weight == 0):
             raise ValueError("nothing to learn: loss.appearance_weight is 0 and there is no motion term")
         s = (d.img_size // m.patch) ** 2
@@ -418,6 +439,28 @@ class Config(_Section):
         if self.optim.min_lr > self.optim.base_lr:
             raise ValueError(f"optim.min_lr={self.optim.min_lr} exceeds optim.base_lr={self.optim.base_lr}")
         return self
+
+    def _motion_target_rules(self) -> None:
+        """MME's targets: HOG cells and trajectory points lie on an 8-px grid; real-video trajectories: not wired."""
+        m, tg, d = self.model, self.targets, self.data
+        if tg.appearance == "hog" and m.patch % 8:
+            raise ValueError(
+                f"targets.appearance='hog' describes each token by 8-px HOG cells: model.patch={m.patch} must be a "
+                "multiple of 8 (MME: 16-px patches, 2x2 cells)"
+            )
+        if tg.motion == "trajectory":
+            if m.patch % 8:
+                raise ValueError(
+                    f"targets.motion='trajectory' follows points on an 8-px grid (2x2 per 16-px patch): "
+                    f"model.patch={m.patch} must be a multiple of 8"
+                )
+            if d.source != "synthetic":
+                raise ValueError(
+                    "targets.motion='trajectory' with data.source='video' is not wired yet: "
+                    "`python -m fastmam.data.trajectories --list LIST --out DIR` builds the trajectory cache, but "
+                    "the video loaders do not map it through the crop, resize and flip yet; use data.source=synthetic "
+                    "(true trajectories of the shapes) or another targets.motion"
+                )
 
     def _decoder_masking_geometry(self, tokens: int, spatial: int, hidden: int) -> None:
         mk, m = self.masking, self.model

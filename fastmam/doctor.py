@@ -736,10 +736,12 @@ def _check_ops(cfg, device_type: str, out: PresetCheck) -> None:
     from fastmam.ops import _backend
 
     used = list(STEP_OPS)
-    if cfg.targets.appearance == "pixel":
-        used.append("pixel_target")
-    if cfg.targets.motion != "none":
+    if cfg.targets.appearance in ("pixel", "hog"):
+        used.append(f"{cfg.targets.appearance}_target")
+    if cfg.targets.motion in ("rgb_diff", "rgb_diff_dense"):
         used.append("rgb_diff_target")
+    elif cfg.targets.motion == "trajectory":
+        used.append("trajectory_target")
     backend = None if cfg.backend == "auto" else cfg.backend
     chosen, failed = {}, {}
     for op in used:
@@ -854,7 +856,7 @@ def _check_memory(cfg, device_type: str, precision: str, world: int, gpus: list[
             return self
 
     with torch.device("meta"):
-        model = Pretrainer(cfg, tokenizer=_Codes() if cfg.targets.appearance != "pixel" else None)
+        model = Pretrainer(cfg, tokenizer=_Codes() if cfg.targets.uses_codes else None)
     params = count_parameters(model.model)["total"]
     est = estimate_memory(cfg, params, largest_block_params(model.model), world, device_type)
     out.summary.update(params=params, memory_floor_bytes=est.gpu_bytes, host_offload_bytes=est.cpu_bytes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Config
+from .models.mam import appearance_values, motion_values
 from .models.tokenizer import codes_per_token
 from .ops.masking import num_decoded
 
@@ -87,7 +88,8 @@ def model_flops(cfg: Config, batch: int, in_chans: int = 3) -> StepFlops:
     """FLOPs of fastmam's model (``fastmam.models.Pretrainer``) for ``batch`` clips of the config's shape.
 
     The regressor's queries, the decoders and the heads run on the Nd decoded tokens (``decoded_tokens``: every
-    masked token, or the subset decoder masking keeps)."""
+    masked token, or the subset decoder masking keeps). ``model.shared_decoder`` (MME): one ``decoder`` and a
+    Linear-GELU-Linear head per target (their first Linear: ``appearance_hidden`` and part of ``motion_head``)."""
     m, tg = cfg.model, cfg.targets
     _, nv, _ = token_counts(cfg)
     nm = decoded_tokens(cfg)  # the masked tokens the model predicts
@@ -102,18 +104,24 @@ def model_flops(cfg: Config, batch: int, in_chans: int = 3) -> StepFlops:
         decoder = linear(nm, d, dd) + m.decoder_depth * block(nm, dd, dhid)  # one latent per masked token
     else:
         decoder = linear(nv, d, dd) + m.decoder_depth * block(nv + nm, dd, dhid)  # VideoMAE: visible + mask tokens
-    f.add("appearance_decoder", decoder)
-    if tg.appearance == "pixel":
-        f.add("appearance_head", linear(nm, dd, pixels))
-    else:
+    shared = m.shared_decoder
+    f.add("decoder" if shared else "appearance_decoder", decoder)
+    if shared:  # MME's heads: Linear(dd, dd)-GELU-Linear; the first Linear of each target's head
+        f.add("appearance_hidden", linear(nm, dd, dd))
+    if tg.uses_codes:
         rows = codes_per_token(m.tubelet, tg.code_frame)
         if rows > 1:  # code_frame 'all': a projection gives each masked token one row per frame of its tubelet
             f.add("appearance_frames", linear(nm, dd, rows * dd))
         f.add("appearance_head", linear(nm * rows, dd, tg.num_codes))
-    motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
-    if motion_frames:
-        f.add("motion_decoder", decoder)
-        f.add("motion_head", linear(nm, dd, motion_frames * m.patch * m.patch * in_chans))
+    else:  # pixels or HOG: one row per token
+        f.add("appearance_head", linear(nm, dd, appearance_values(cfg, in_chans)))
+    motion = motion_values(cfg, in_chans)
+    if motion:
+        if shared:
+            f.add("motion_head", linear(nm, dd, dd))
+        else:
+            f.add("motion_decoder", decoder)
+        f.add("motion_head", linear(nm, dd, motion))
     f.forward_parts = {k: batch * v for k, v in f.forward_parts.items()}
     return f
 

@@ -26,16 +26,18 @@ from torch import nn
 
 from .config import Config, resolve_precision
 from .flops import decoded_tokens, token_counts
+from .models.mam import appearance_values, motion_values
 from .models.tokenizer import codes_per_token
 
 GiB = 2**30
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters per part of a ``MaskedVideoModel``: encoder, regressor, appearance, motion, other (any
-    module not named here), total."""
+    """Trainable parameters per part of a ``MaskedVideoModel``: encoder, regressor, decoder (shared), appearance,
+    motion, other (any module not named here), total."""
     parts = {"encoder": ("patch_embed", "blocks", "norm"), "regressor": ("mask_token", "regressor", "regressor_norm"),
-             "appearance": ("appearance_decoder", "appearance_frames", "appearance_head"),
+             "decoder": ("decoder",),  # model.shared_decoder: the one decoder of every target
+             "appearance": ("appearance_decoder", "appearance_hidden", "appearance_frames", "appearance_head"),
              "motion": ("motion_decoder", "motion_head")}
     counts = dict.fromkeys((*parts, "other"), 0)
     for name, p in model.named_parameters():
@@ -120,11 +122,14 @@ def activation_elements(cfg: Config, batch: int, recompute_peak: bool = True) ->
     else:  # VideoMAE: the decoder embeds the visible latents and runs over every token
         dec_in, seq = nv, nv + nm
     dd = m.decoder_dim
-    decoders = 1 if cfg.targets.motion == "none" else 2
+    has_motion = motion_values(cfg) > 0
+    decoders = 1 if cfg.targets.motion == "none" or m.shared_decoder else 2
     total += dec_in * d  # the decoders' embedding input: one tensor, shared by both decoders
     one = stack(m.decoder_depth, block_elements(seq, dd, m.decoder_heads, r), seq * dd)
     one += seq * dd + 2 * nm  # the final norm's input (a slice keeps its whole sequence) and statistics
     one += nm * dd  # the head's input (the appearance head's, inside the loss)
+    if m.shared_decoder:  # MME's Linear-GELU-Linear heads: each keeps the GELU's input and output
+        one += (2 if has_motion else 1) * 2 * nm * dd
     rows = _appearance_rows(cfg)
     extra = rows * nm * dd if rows > 1 else 0  # code_frame 'all': the head's input is the per-frame projection's output
     peak = max(peaks) if ckpt and recompute_peak else 0
@@ -134,24 +139,23 @@ def activation_elements(cfg: Config, batch: int, recompute_peak: bool = True) ->
 def _appearance_rows(cfg: Config) -> int:
     """Rows of the appearance head per masked token: t codes with ``code_frame: all``, else one."""
     tg = cfg.targets
-    return codes_per_token(cfg.model.tubelet, tg.code_frame) if tg.appearance != "pixel" else 1
+    return codes_per_token(cfg.model.tubelet, tg.code_frame) if tg.uses_codes else 1
 
 
 def loss_elements(cfg: Config, batch: int, fused: bool) -> float:
     """Values the dual-decoder loss keeps for backward: the cross-entropy over codes keeps the (Nm x K) fp32
     log-softmax of the logits in the reference, and only its gradients (h and the head's weight) in the fused
-    kernel; an MSE keeps one tensor (prediction minus target)."""
+    kernel; an MSE keeps one tensor (prediction minus target); the trajectory MSE also its (fp32) entry weights."""
     m, tg = cfg.model, cfg.targets
     rows = batch * decoded_tokens(cfg)
-    pv = m.tubelet * m.patch * m.patch * 3
-    if tg.appearance == "pixel":
-        total = rows * pv
+    if not tg.uses_codes:  # pixels or HOG: the MSE keeps prediction minus target
+        total = rows * appearance_values(cfg)
     elif fused:
         total = rows * _appearance_rows(cfg) * m.decoder_dim + tg.num_codes * (m.decoder_dim + 1)
     else:
         total = rows * _appearance_rows(cfg) * tg.num_codes  # the log-softmax of the logits
-    motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
-    return total + rows * motion_frames * m.patch * m.patch * 3
+    # the trajectory MSE keeps the masked difference and the entries' weights; the RGB-difference MSE the difference
+    return total + rows * motion_values(cfg) * (2 if tg.motion == "trajectory" else 1)
 
 
 def estimate_memory(cfg: Config, params: int, largest_block_params: int, world_size: int,

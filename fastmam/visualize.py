@@ -149,7 +149,7 @@ def load_pretrainer(cfg: Config, state: dict[str, torch.Tensor], device: torch.d
         from .models.vqgan import VQGANTokenizer
 
         tokenizer = VQGANTokenizer.load(cfg.targets.vqgan)
-    elif cfg.targets.appearance != "pixel":
+    elif cfg.targets.uses_codes:
         tokenizer = build_tokenizer(cfg)
     with torch.random.fork_rng(devices=[]):  # construction draws initial weights, which are replaced
         pre = Pretrainer(cfg, tokenizer=tokenizer)

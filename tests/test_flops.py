@@ -64,6 +64,31 @@ def test_model_formula_equals_counted_flops(extra, rng):
     assert nd == flops.decoded_tokens(cfg) and (nd < nm) == (cfg.masking.decoder != "none")
 
 
+@pytest.mark.parametrize("extra", [
+    [],                                                                              # MME: one decoder, two MLP heads
+    ["masking.decoder=running_cell"],
+    ["model.shared_decoder=false", "model.regressor_depth=1"],                       # HOG + trajectories, MAM2 layout
+    ["model.shared_decoder=true", "targets.motion=none", "loss.motion_weight=0"],    # shared decoder, one head
+])
+def test_mme_formula_equals_counted_flops(extra, rng):
+    cfg = build_config({}, SMALL + ["model.patch=16", "model.regressor_depth=0", "model.shared_decoder=true",
+                                    "targets.appearance=hog", "targets.motion=trajectory", "masking.ratio=0.5"]
+                       + [e for e in extra if "motion=none" not in e]
+                       + (["targets.motion=none", "loss.motion_weight=0"] if "targets.motion=none" in extra else []))
+    torch.manual_seed(0)
+    p = Pretrainer(cfg)
+    b = 3
+    clip = torch.randint(0, 256, (b, 4, 32, 32, 3), dtype=torch.uint8, generator=rng)
+    noise = torch.rand(p.noise_shape(b), generator=rng)
+    kw = {}
+    if cfg.targets.motion == "trajectory":
+        kw = {"trajectories": torch.randn(b, 2, 4, 4, 4, 2, generator=rng),
+              "trajectory_valid": torch.rand(b, 2, 4, 4, generator=rng) > 0.3}
+    fwd, bwd = count(lambda: p(clip, noise, **kw).total)
+    f = flops.model_flops(cfg, b)
+    assert (fwd, bwd) == (f.forward, f.backward), f"counted {fwd}, {bwd}; formula {f.forward_parts} -> {f.backward}"
+
+
 def test_vit_b_step_flops_in_the_expected_range():
     """ViT-B MAM2 at 16x224, 90% masking: the encoder on 160 visible tokens dominates; ~3x forward."""
     from fastmam.config import load_config

@@ -86,6 +86,30 @@ def test_activation_estimate_matches_a_measured_forward(overrides, rng):
     assert abs(measured - estimate) <= 8, f"measured {measured:.0f}, estimate {estimate:.0f}"
 
 
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["masking.decoder=running_cell"],
+    ["model.activation_checkpointing=true"],
+    ["model.shared_decoder=false", "model.regressor_depth=1"],
+    ["targets.motion=none", "loss.motion_weight=0"],
+])
+def test_mme_activation_estimate_matches_a_measured_forward(overrides, rng):
+    """tiny_mme (shared decoder, MLP heads, HOG + trajectory MSEs), and its variants."""
+    cfg = load_config("tiny_mme", ["data.batch_size=3", *overrides])
+    torch.manual_seed(0)
+    model = Pretrainer(cfg)
+    b = cfg.data.batch_size
+    clip = torch.randint(0, 256, (b, 8, 64, 64, 3), dtype=torch.uint8, generator=rng)
+    noise = torch.rand(model.noise_shape(b), generator=rng)
+    kw = {}
+    if cfg.targets.motion == "trajectory":
+        kw = {"trajectories": torch.randn(b, 4, 8, 8, 4, 2, generator=rng),
+              "trajectory_valid": torch.rand(b, 4, 8, 8, generator=rng) > 0.3}
+    measured = saved_elements(lambda: model(clip, noise, **kw), params=list(model.parameters()))
+    estimate = activation_elements(cfg, b, recompute_peak=False) + loss_elements(cfg, b, fused=False)
+    assert abs(measured - estimate) <= 8, f"measured {measured:.0f}, estimate {estimate:.0f}"
+
+
 def test_parameter_counts_and_model_states():
     cfg = load_config("vit_b")
     with torch.device("meta"):

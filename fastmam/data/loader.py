@@ -4,7 +4,8 @@ A dataset is any map-style ``torch.utils.data.Dataset`` whose items are dicts::
 
     {"video": uint8 tensor (T, H, W, C), "label": int, "index": int}
 
-(optionally ``"next_video"`` of the same shape for the dense RGB-difference target). Real-video
+(optionally ``"next_video"`` of the same shape for the dense RGB-difference target, and ``"trajectories"`` /
+``"trajectory_valid"`` for MME's trajectory target). Real-video
 datasets (``fastmam.data.video``) take ``(index, epoch)`` keys so that their random crops and frame
 starts are a pure function of (seed, index, epoch), and report replaced bad files in ``"bad"``.
 
@@ -73,8 +74,15 @@ def build_dataset(cfg: Config) -> Dataset:
     if d.source == "synthetic":
         from .synthetic import SyntheticShapes
 
-        return SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed)
+        # MME's trajectory target: the shapes' true trajectories ride with each clip
+        tg, tubelet = cfg.targets, cfg.model.tubelet
+        traj = (tubelet, tg.trajectory_length) if tg.motion == "trajectory" else None
+        return SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed, trajectories=traj)
     if d.source == "video":
+        if cfg.targets.motion == "trajectory":  # Config rejects this too; a hand-built config must not slip through
+            raise ValueError("targets.motion='trajectory' is not wired for data.source='video' yet: "
+                             "`python -m fastmam.data.trajectories` builds the cache, mapping it in the loaders is "
+                             "the next step")
         from .annotations import read_list
         from .sampling import spec_from_config
         from .video import VideoDataset
@@ -93,7 +101,8 @@ def build_loader(cfg: Config, dataset: Dataset, rank: int, world_size: int, star
                  end_micro_step: int, pin_memory: bool, device: torch.device | None = None):
     """Batches for micro-steps [start, end) on this rank: dicts with ``video`` (B, T, H, W, C) uint8
     (B = data.batch_size), ``label``, ``index``, ``bad`` (and ``next_video`` for dense motion, ``codes``
-    (B, T, H/p, W/p) for cached codes).
+    (B, T, H/p, W/p) for cached codes, ``trajectories`` (B, T/t, H/8, W/8, L, 2) float32 and ``trajectory_valid``
+    (B, T/t, H/8, W/8) bool for trajectory targets, synthetic source only).
 
     CPU decoders run in DataLoader workers; ``data.backend: dali`` returns DALI's GPU pipeline,
     fed by the same sampler and sampling plans."""

@@ -87,12 +87,15 @@ class SyntheticShapes(Dataset):
 
     Each item is a dict: {"video": uint8 tensor (T, H, W, 3), contiguous,
                           "label": int  (index into MOTIONS), "index": int}.
+    With ``trajectories=(tubelet, L)`` items also hold ``"trajectories"`` float32 (T/t, H/8, W/8, L, 2) and
+    ``"trajectory_valid"`` bool (T/t, H/8, W/8): the true trajectories of ``true_trajectories`` (MME's target).
     Item i depends only on (seed, i): same seed and index => bit-identical clip,
     whatever the order of access, the process or the DataLoader worker.
     Negative indices count from the end, as for Python lists ("index" is then the non-negative one).
     """
 
-    def __init__(self, num_samples: int, num_frames: int, height: int, width: int, seed: int = 0):
+    def __init__(self, num_samples: int, num_frames: int, height: int, width: int, seed: int = 0,
+                 trajectories: tuple[int, int] | None = None):
         for name, value, low in (
             ("num_samples", num_samples, 1),
             ("num_frames", num_frames, 1),
@@ -107,6 +110,10 @@ class SyntheticShapes(Dataset):
         # Pixel-centre coordinates, shaped to broadcast against per-frame (T, 1, 1) parameters.
         self._xs = (np.arange(self.width, dtype=np.float32) + 0.5)[None, None, :]
         self._ys = (np.arange(self.height, dtype=np.float32) + 0.5)[None, :, None]
+        self.trajectories = trajectories  # (tubelet, L): items also carry their true trajectories
+        if trajectories is not None:
+            tubelet, length = trajectories
+            self.true_trajectories(0, tubelet, length)  # checks the arguments now, not in a loader worker
 
     def __len__(self) -> int:
         return self.num_samples
@@ -126,11 +133,58 @@ class SyntheticShapes(Dataset):
         )[..., None]
         frames = static[None] + alpha * (traj.color.astype(np.float32) - static[None])
         video = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
-        return {"video": torch.from_numpy(np.ascontiguousarray(video)), "label": traj.label, "index": index}
+        item = {"video": torch.from_numpy(np.ascontiguousarray(video)), "label": traj.label, "index": index}
+        if self.trajectories is not None:
+            disp, valid = self.true_trajectories(index, *self.trajectories)
+            item["trajectories"], item["trajectory_valid"] = torch.from_numpy(disp), torch.from_numpy(valid)
+        return item
 
     def trajectory(self, index: int) -> Trajectory:
         """The main shape's ground-truth label, kind, colour and per-frame centre/angle/radius for item ``index``."""
         return self._sample(self._check_index(index))[0]
+
+    def true_trajectories(self, index: int, tubelet: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The true point trajectories of item ``index`` in the format of ``fastmam.ops.trajectory_target``:
+        ``disp`` float32 (T/t, H/8, W/8, L, 2) and ``valid`` bool (T/t, H/8, W/8).
+
+        Points sit on the 8-px grid at offset 4 of ``fastmam.data.trajectories`` (x = 4 + 8 i, y = 4 + 8 j in this
+        module's coordinates: the centres of the 8 x 8 cells). For each tubelet's first frame f = 0, t, 2t, ...,
+        a point **on the main shape** at frame f -- the shape's anti-aliased coverage there is >= 0.5, i.e. the
+        point is inside the outline -- moves with the shape's rigid motion: rotation by angle(s) - angle(f) about
+        the centre, scaling by radius(s) / radius(f) about it, and the centre's translation, for s = f + 1 .. f + L;
+        ``disp[., ., ., k]`` is its exact position at f + k + 1 minus that at f + k ((dx, dy) px, x right, y down).
+        Every other point (background, static distractors) does not move: 0. The motion is closed-form, so frames
+        past the clip's last one (the last tubelet's trajectories need up to T - t + L) are evaluated from the same
+        parameters; the clip's pixels are unchanged. A point is **valid** when it stays inside the frame, 0 <= x < W
+        and 0 <= y < H, at every one of its L steps (the extractor's rule). A background point that the shape later
+        covers keeps 0 and stays valid: its true motion is none (optical flow would follow the occluder instead).
+        """
+        if isinstance(tubelet, bool) or not isinstance(tubelet, int) or tubelet < 1 or self.num_frames % tubelet:
+            raise ValueError(f"tubelet={tubelet!r} must be a positive int dividing num_frames={self.num_frames}")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length={length!r} must be an int >= 1 (steps L of each trajectory)")
+        traj = self._sample(self._check_index(index), extra=length)[0]
+        gx = 4.0 + 8.0 * np.arange(self.width // 8)  # (Gx,)
+        gy = 4.0 + 8.0 * np.arange(self.height // 8)  # (Gy,)
+        px, py = np.broadcast_arrays(gx[None, :], gy[:, None])  # (Gy, Gx)
+        starts = np.arange(0, self.num_frames, tubelet)
+        disp = np.zeros((len(starts), len(gy), len(gx), length, 2))
+        valid = np.ones((len(starts), len(gy), len(gx)), dtype=bool)
+        for n, f in enumerate(starts):
+            cx, cy, a0, r0 = traj.center[f, 0], traj.center[f, 1], traj.angle[f], traj.radius[f]
+            on = _coverage(traj.shape, cx, cy, a0, r0, gx[None, :], gy[:, None]) >= 0.5
+            pos = [np.stack([px, py], -1)]
+            for s in range(f + 1, f + length + 1):
+                da, k = traj.angle[s] - a0, traj.radius[s] / r0
+                rx, ry = px - cx, py - cy
+                x = traj.center[s, 0] + k * (math.cos(da) * rx - math.sin(da) * ry)
+                y = traj.center[s, 1] + k * (math.sin(da) * rx + math.cos(da) * ry)
+                pos.append(np.where(on[..., None], np.stack([x, y], -1), pos[0]))
+            pos = np.stack(pos, 2)  # (Gy, Gx, L + 1, 2)
+            disp[n] = pos[:, :, 1:] - pos[:, :, :-1]
+            valid[n] = ((pos[..., 0] >= 0) & (pos[..., 0] < self.width) & (pos[..., 1] >= 0)
+                        & (pos[..., 1] < self.height)).all(-1)
+        return disp.astype(np.float32), valid
 
     def _check_index(self, index) -> int:
         index = operator.index(index)
@@ -138,12 +192,15 @@ class SyntheticShapes(Dataset):
             raise IndexError(f"SyntheticShapes: index {index} is out of range for length {self.num_samples}")
         return index % self.num_samples
 
-    def _sample(self, index: int) -> tuple[Trajectory, np.ndarray]:
-        """Draws all of item ``index``'s parameters; returns its trajectory and the static layer float32 (H, W, 3)."""
+    def _sample(self, index: int, extra: int = 0) -> tuple[Trajectory, np.ndarray]:
+        """Draws all of item ``index``'s parameters; returns its trajectory and the static layer float32 (H, W, 3).
+
+        ``extra`` > 0 evaluates the (closed-form) motion ``extra`` frames past the clip's last one, with the same
+        parameters: the trajectory arrays then hold T + extra frames (the clip's pixels use ``extra = 0``)."""
         rng = np.random.default_rng([self.seed, index])
         T, H, W = self.num_frames, self.height, self.width
         m = min(H, W)
-        t = np.arange(T, dtype=np.float64)
+        t = np.arange(T + extra, dtype=np.float64)
         label = int(rng.integers(len(MOTIONS)))
         motion = MOTIONS[label]
 
@@ -164,7 +221,7 @@ class SyntheticShapes(Dataset):
         color = _distinct_color(rng, [bg_color], _MIN_COLOR_DIST)
         radius0 = rng.uniform(0.10, 0.20) * m  # circumradius: the extent is 20-40% of min(H, W)
         r_limit = 0.45 * m - 0.5  # the largest radius that still fits with room to move
-        scale = np.ones(T)
+        scale = np.ones(T + extra)
         if motion in ("grow", "shrink") and T > 1:
             rate = rng.uniform(0.02, 0.05)
             if motion == "grow":
@@ -174,13 +231,13 @@ class SyntheticShapes(Dataset):
                 rate = min(rate, 1 - 0.4 ** (1 / (T - 1)))  # keep at least 40% of the size
                 scale = (1 - rate) ** t
         radius = radius0 * scale
-        angle = np.full(T, rng.uniform(0, 2 * math.pi))
+        angle = np.full(T + extra, rng.uniform(0, 2 * math.pi))
         if motion.startswith("rotate"):
             # In y-down image coordinates an increasing angle turns clockwise on screen.
             angle = angle + (1 if motion == "rotate_cw" else -1) * math.radians(rng.uniform(3, 10)) * t
 
         # Translation speed 0.5-3 px/frame at 128 px, scaled with the image, and capped so the whole path fits.
-        lo = radius.max() + 0.5
+        lo = radius[:T].max() + 0.5  # the clip's frames decide the room (``extra`` ones must not change it)
         room = np.array([W - 2 * lo, H - 2 * lo])  # free travel along x and y
         velocity = np.zeros(2)
         if motion in _DIRECTIONS and T > 1:

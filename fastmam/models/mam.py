@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..config import Config, resolve_precision
 from ..ops.loss import motion_term
+from ..ops.motion_targets import HOG_BINS, HOG_CELL, hog_values, trajectory_values
 from .attention import attention_function
 from .layers import LN_EPS, Block, CrossBlock, init_weights, sinusoid_table
 from .tokenizer import (
@@ -102,7 +103,9 @@ class ModelOutput(NamedTuple):
 
 
 class MaskedVideoModel(nn.Module):
-    """Encoder (visible tokens only), optional CAE regressor, appearance and motion decoders.
+    """Encoder (visible tokens only), optional CAE regressor, appearance and motion decoders -- or, with
+    ``model.shared_decoder`` (MME), one ``decoder`` whose output feeds a Linear-GELU-Linear head per target
+    (``appearance_hidden`` + ``appearance_head``; ``motion_head``).
 
     The appearance head (``appearance_head``: Da -> appearance_dim) is applied inside the loss so
     that fused backends never materialize the (M x codebook) logits; the motion head is applied here.
@@ -137,18 +140,33 @@ class MaskedVideoModel(nn.Module):
             return Decoder(m.embed_dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, m.qkv_bias,
                            self.num_tokens, full_sequence=not self.has_regressor, ckpt=ckpt, attend=attend)
 
-        self.appearance_decoder = decoder()
+        def hidden_layer():  # MME's heads are Linear-GELU-Linear; this is their first Linear and the GELU
+            return nn.Sequential(nn.Linear(m.decoder_dim, m.decoder_dim), nn.GELU())
+
+        self.shared_decoder = m.shared_decoder
+        if self.shared_decoder:
+            # MME: one decoder; each target's head is Linear-GELU-Linear. The appearance head's last Linear stays
+            # ``appearance_head``, applied inside the loss as in the separate-decoder layout
+            self.decoder = decoder()
+            self.appearance_decoder = None
+            self.appearance_hidden = hidden_layer()
+        else:
+            self.appearance_decoder = decoder()
         self.appearance_frames = nn.Linear(m.decoder_dim, appearance_rows * m.decoder_dim) if appearance_rows > 1 \
             else None
         self.appearance_head = nn.Linear(m.decoder_dim, appearance_dim)
-        self.motion_decoder = decoder() if motion_dim else None
-        self.motion_head = nn.Linear(m.decoder_dim, motion_dim) if motion_dim else None
+        self.motion_decoder = decoder() if motion_dim and not self.shared_decoder else None
+        self.motion_head = None
+        if motion_dim:
+            last = nn.Linear(m.decoder_dim, motion_dim)
+            self.motion_head = nn.Sequential(*hidden_layer(), last) if self.shared_decoder else last
 
         self.apply(init_weights)
         # patch embedding initialized like a flattened conv kernel (MAE)
         nn.init.xavier_uniform_(self.patch_embed.weight)
-        for p in (getattr(self, "mask_token", None), self.appearance_decoder.mask_token,
-                  getattr(self.motion_decoder, "mask_token", None)):
+        for p in (getattr(self, "mask_token", None), getattr(self.appearance_decoder, "mask_token", None),
+                  getattr(self.motion_decoder, "mask_token", None), getattr(getattr(self, "decoder", None),
+                                                                           "mask_token", None)):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
@@ -167,6 +185,13 @@ class MaskedVideoModel(nn.Module):
         return self.regressor_norm(x)
 
     def forward_decoders(self, x: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor) -> ModelOutput:
+        if self.shared_decoder:  # MME: one decoder, a head per target
+            hidden = self.decoder(x, ids_keep, ids_masked)
+            appearance = self.appearance_hidden(hidden)
+            if self.appearance_frames is not None:
+                appearance = self.appearance_frames(appearance).unflatten(-1, (-1, appearance.shape[-1]))
+            motion = self.motion_head(hidden) if self.motion_head is not None else None
+            return ModelOutput(appearance, motion)
         appearance = self.appearance_decoder(x, ids_keep, ids_masked)
         if self.appearance_frames is not None:  # (B, Nm, Da) -> (B, Nm, t, Da)
             appearance = self.appearance_frames(appearance).unflatten(-1, (-1, appearance.shape[-1]))
@@ -180,6 +205,27 @@ class MaskedVideoModel(nn.Module):
         if self.has_regressor:
             x = self.forward_regressor(x, ids_keep, ids_masked)
         return self.forward_decoders(x, ids_keep, ids_masked)
+
+
+def appearance_values(cfg: Config, in_chans: int = 3) -> int:
+    """Outputs of the appearance head per row: the codebook (codes), t*p*p*C normalized pixels, or MME's HOG
+    descriptor ((p/8)^2 cells x 9 bins x C: 108 for p=16)."""
+    m, tg = cfg.model, cfg.targets
+    if tg.uses_codes:
+        return tg.num_codes
+    if tg.appearance == "hog":
+        return hog_values(m.patch, HOG_CELL, HOG_BINS, in_chans)
+    return m.tubelet * m.patch * m.patch * in_chans
+
+
+def motion_values(cfg: Config, in_chans: int = 3) -> int:
+    """Outputs of the motion head per token (0 without motion): RGB differences (t-1 consecutive pairs per tubelet;
+    t for the dense variant) of p*p*C values, or MME's trajectories ((p/8)^2 points x L steps x (dx, dy))."""
+    m, tg = cfg.model, cfg.targets
+    if tg.motion == "trajectory":
+        return trajectory_values(m.patch, tg.trajectory_length)
+    frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
+    return frames * m.patch * m.patch * in_chans
 
 
 def build_tokenizer(cfg: Config) -> AppearanceTokenizer | None:
@@ -215,13 +261,10 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.cfg = cfg
         m, tg = cfg.model, cfg.targets
-        pixels = m.tubelet * m.patch * m.patch * in_chans
-        self.uses_codes = tg.appearance != "pixel"
-        appearance_dim = tg.num_codes if self.uses_codes else pixels
+        self.uses_codes = tg.uses_codes
+        appearance_dim = appearance_values(cfg, in_chans)
         self.codes_per_token = codes_per_token(m.tubelet, tg.code_frame) if self.uses_codes else 1
-        # consecutive differences: t-1 per tubelet; dense (each frame minus the next raw frame): t
-        motion_frames = {"rgb_diff": m.tubelet - 1, "rgb_diff_dense": m.tubelet, "none": 0}[tg.motion]
-        motion_dim = motion_frames * m.patch * m.patch * in_chans or None
+        motion_dim = motion_values(cfg, in_chans) or None
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)  # first: a missing file fails fast
         if tokenizer is not None:
             if not self.uses_codes:
@@ -303,23 +346,34 @@ class Pretrainer(nn.Module):
         return torch.gather(codes, 1, index).long()
 
     def forward(self, clip: torch.Tensor, noise: torch.Tensor, next_clip: torch.Tensor | None = None,
-                codes: torch.Tensor | None = None) -> ops.LossOutput:
+                codes: torch.Tensor | None = None, *, trajectories: torch.Tensor | None = None,
+                trajectory_valid: torch.Tensor | None = None) -> ops.LossOutput:
         """clip: (B, T, H, W, C) uint8; noise: ``noise_shape(B)`` float -> LossOutput (fp32 scalars).
 
         next_clip: (B, T, H, W, C) uint8, the raw frame after each frame of ``clip``; required for
         ``targets.motion: rgb_diff_dense``. codes: (B, T, H/p, W/p) integer, the loader's cached codes of
-        every frame (``targets.codes: cached``)."""
+        every frame (``targets.codes: cached``). trajectories: (B, T/t, H/8, W/8, L, 2) float (dx, dy) px per step
+        of the points of each tubelet's first frame, and trajectory_valid: (B, T/t, H/8, W/8) bool, the loader's
+        ``trajectories`` / ``trajectory_valid`` (``targets.motion: trajectory``; format: ``ops.trajectory_target``).
+
+        The loss has two terms, weighted by loss.appearance_weight / loss.motion_weight: appearance (CE over codes,
+        or MSE of the head's output against normalized pixels or HOG descriptors; ``ops.dual_decoder_loss``) and
+        motion (MSE against RGB differences, or ``ops.trajectory_loss``: MSE over the valid trajectory entries)."""
         cfg, m = self.cfg, self.cfg.model
-        d = cfg.data
+        d, tg = cfg.data, cfg.targets
         expected = (d.num_frames, d.img_size, d.img_size)
         if clip.dim() != 5 or tuple(clip.shape[1:4]) != expected:
             raise ValueError(
                 f"clip of shape {tuple(clip.shape)} does not match the config: expected (B, {d.num_frames}, "
                 f"{d.img_size}, {d.img_size}, C) uint8 (data.num_frames, data.img_size)"
             )
-        dense = cfg.targets.motion == "rgb_diff_dense"
+        dense = tg.motion == "rgb_diff_dense"
         if dense and next_clip is None:
             raise ValueError("targets.motion='rgb_diff_dense' needs next_clip (the loader's 'next_video')")
+        trajectory = tg.motion == "trajectory"
+        if trajectory and (trajectories is None or trajectory_valid is None):
+            raise ValueError("targets.motion='trajectory' needs trajectories= and trajectory_valid= (the loader's "
+                             "'trajectories' and 'trajectory_valid')")
         be = self.backend
         noise, decoder_noise = self.split_noise(noise)
         vis = ops.tube_mask_gather(clip, noise, cfg.masking.ratio, m.tubelet, m.patch, cfg.data.mean, cfg.data.std,
@@ -331,21 +385,28 @@ class Pretrainer(nn.Module):
         with torch.no_grad():
             if self.uses_codes:
                 target = self.appearance_codes(clip, ids, codes)
+            elif tg.appearance == "hog":
+                target = ops.hog_target(clip, ids, m.tubelet, m.patch, "first", backend=be)
             else:
-                target = ops.pixel_target(clip, ids, m.tubelet, m.patch, cfg.targets.normalize_pixels, backend=be)
-            motion_target = None
-            if out.motion_pred is not None:
-                motion_target = ops.rgb_diff_target(clip, ids, m.tubelet, m.patch,
-                                                    cfg.targets.normalize_motion,
+                target = ops.pixel_target(clip, ids, m.tubelet, m.patch, tg.normalize_pixels, backend=be)
+            motion_target = motion_weight = None
+            if trajectory:
+                motion_target, motion_weight = ops.trajectory_target(trajectories, trajectory_valid, ids, m.tubelet,
+                                                                     m.patch, tg.trajectory_norm, backend=be)
+            elif out.motion_pred is not None:
+                motion_target = ops.rgb_diff_target(clip, ids, m.tubelet, m.patch, tg.normalize_motion,
                                                     next_clip=next_clip if dense else None, backend=be)
         head = self.model.appearance_head
         wa, wm = cfg.loss.appearance_weight, cfg.loss.motion_weight
-        if self.codes_per_token == 1:
+        if self.codes_per_token == 1 and not trajectory:
             return ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, out.motion_pred,
                                          motion_target, wa, wm, backend=be)
-        # code_frame 'all': t appearance rows per masked token (B*Nm*t rows through the same fused head + CE) but
-        # one motion row per token; the motion term is the one dual_decoder_loss computes, over the B*Nm tokens
+        # the appearance term alone from dual_decoder_loss: code_frame 'all' has t appearance rows per masked token
+        # (B*Nd*t rows through the same fused head + CE) but one motion row per token; trajectories have their own
+        # masked MSE (over the valid entries only)
         appearance = ops.dual_decoder_loss(out.appearance_hidden, head.weight, head.bias, target, backend=be).appearance
-        tokens = ids.numel()
-        motion = motion_term(out.motion_pred, motion_target, tokens, None, appearance)
+        if trajectory:
+            motion = ops.trajectory_loss(out.motion_pred, motion_target, motion_weight)
+        else:
+            motion = motion_term(out.motion_pred, motion_target, ids.numel(), None, appearance)
         return ops.LossOutput(wa * appearance + wm * motion, appearance, motion)

@@ -52,8 +52,11 @@ def test_preset_output_shapes_on_meta(name):
     assert out.appearance_hidden.shape == (b, nm, m.decoder_dim)
     if cfg.targets.motion == "rgb_diff":
         assert out.motion_pred.shape == (b, nm, (m.tubelet - 1) * m.patch * m.patch * 3)
+    elif cfg.targets.motion == "trajectory":  # (p/8)^2 points x L steps x (dx, dy)
+        assert out.motion_pred.shape == (b, nm, (m.patch // 8) ** 2 * cfg.targets.trajectory_length * 2)
     else:
         assert out.motion_pred is None and model.motion_decoder is None
+    assert (model.motion_decoder is None and model.appearance_decoder is None) == m.shared_decoder
     assert model.has_regressor == (m.regressor_depth > 0)
     # encoder width and depth as named: ViT blocks hold ~12 * D^2 * depth parameters (+ mlp_ratio changes)
     per_block = sum(p.numel() for p in model.blocks[0].parameters())
