@@ -9,10 +9,13 @@ For every objective and seed, ``fastmam/pretrain.py`` trains the preset (``--con
 
 - ``videomae``: no regressor, pixel target only (``model.regressor_depth=0 targets.motion=none
   loss.motion_weight=0``, as ``configs/videomae_vit_b.yaml``);
-- ``pixel_motion``: no regressor, pixels + RGB difference (``model.regressor_depth=0``);
+- ``pixel_motion``: no regressor, pixels + RGB difference (``model.regressor_depth=0``): MotionMAE's objective
+  (``configs/tiny_motionmae.yaml``);
 - ``mam2``: the preset itself (encoder - regressor - two decoders);
 - ``mam2_decoder_masking``: ``mam2`` with VideoMAE V2's decoder masking (``masking.decoder=running_cell``, half of
   the masked tokens reconstructed);
+- ``mme``: MME's objective (``configs/tiny_mme.yaml``): no regressor, one shared decoder with a head per target,
+  70% tube masking, HOG of each tubelet's first frame and the shapes' true trajectories over 4 frames;
 - ``random``: the ``mam2`` model at initialization (``torch.manual_seed(seed)`` then ``Pretrainer(cfg)``, what
   ``pretrain.train`` builds before its first step): the control every pretrained encoder must beat.
 
@@ -77,6 +80,10 @@ OBJECTIVES: dict[str, list[str]] = {
     "pixel_motion": ["model.regressor_depth=0"],
     "mam2": [],
     "mam2_decoder_masking": ["masking.decoder=running_cell"],
+    # = configs/tiny_mme.yaml (tiny + these)
+    "mme": ["model.regressor_depth=0", "model.shared_decoder=true", "model.decoder_depth=1", "masking.ratio=0.7",
+            "targets.appearance=hog", "targets.motion=trajectory", "targets.trajectory_length=4",
+            "targets.trajectory_norm=global"],
 }
 RANDOM = "random"
 PROBES = ("knn", "linear", "linear_time", "attentive")
@@ -159,21 +166,34 @@ def loss_baselines(cfg: Config, batches: int = 8) -> dict[str, float]:
     """Trivial predictors' losses on training clips (indices < data.num_samples) under the run's own masking.
 
     appearance: raw pixels -> each clip's mean colour over its visible patches; normalized pixels -> 0 (a
-    patch's own mean). motion (RGB difference, MSE) -> 0: no motion. Means over masked tokens, like the loss."""
+    patch's own mean); HOG -> the batch's mean descriptor. motion (RGB difference, MSE; trajectories, MSE over
+    valid entries) -> 0: no motion. Means over masked tokens, like the loss."""
     from fastmam.pretrain import step_noise
 
     m, d, tg = cfg.model, cfg.data, cfg.targets
-    data = SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed)
+    trajectories = (m.tubelet, tg.trajectory_length) if tg.motion == "trajectory" else None
+    data = SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed,
+                           trajectories=trajectories)
     s = (d.img_size // m.patch) ** 2
     appearance, motion = [], []
     for b in range(batches):
-        clip = torch.stack([data[(b * d.batch_size + i) % len(data)]["video"] for i in range(d.batch_size)])
+        items = [data[(b * d.batch_size + i) % len(data)] for i in range(d.batch_size)]
+        clip = torch.stack([it["video"] for it in items])
         noise = step_noise((d.batch_size, s), cfg.seed, b, 0, 0, torch.device("cpu"))
         vis = ops.tube_mask_gather(clip, noise, cfg.masking.ratio, m.tubelet, m.patch, d.mean, d.std)
-        target = ops.pixel_target(clip, vis.ids_masked, m.tubelet, m.patch, tg.normalize_pixels)
-        if tg.normalize_pixels:
+        if tg.motion == "trajectory":
+            disp = torch.stack([it["trajectories"] for it in items])
+            valid = torch.stack([it["trajectory_valid"] for it in items])
+            mt, weight = ops.trajectory_target(disp, valid, vis.ids_masked, m.tubelet, m.patch, tg.trajectory_norm)
+            motion.append(ops.trajectory_loss(torch.zeros_like(mt), mt, weight).item())
+        if tg.appearance == "hog":
+            target = ops.hog_target(clip, vis.ids_masked, m.tubelet, m.patch, "first")
+            guess = target.mean((0, 1), keepdim=True).expand_as(target)
+        elif tg.normalize_pixels:
+            target = ops.pixel_target(clip, vis.ids_masked, m.tubelet, m.patch, True)
             guess = torch.zeros_like(target)
         else:  # the mean colour of the visible pixels, per clip and channel
+            target = ops.pixel_target(clip, vis.ids_masked, m.tubelet, m.patch, False)
             visible = ops.patchify_reference(clip, m.tubelet, m.patch).float() / 255.0
             visible = torch.gather(visible, 1, vis.ids_keep.unsqueeze(-1).expand(-1, -1, visible.shape[-1]))
             colour = visible.reshape(d.batch_size, -1, 3).mean(1)  # (B, 3)
@@ -182,8 +202,9 @@ def loss_baselines(cfg: Config, batches: int = 8) -> dict[str, float]:
         if tg.motion == "rgb_diff":
             mt = ops.rgb_diff_target(clip, vis.ids_masked, m.tubelet, m.patch, tg.normalize_motion)
             motion.append(mt.square().mean().item())
-    out = {"appearance": statistics.fmean(appearance),
-           "appearance_predictor": "0 (per-patch mean)" if tg.normalize_pixels else "clip mean colour"}
+    predictor = "batch mean HOG" if tg.appearance == "hog" else \
+        "0 (per-patch mean)" if tg.normalize_pixels else "clip mean colour"
+    out = {"appearance": statistics.fmean(appearance), "appearance_predictor": predictor}
     if motion:
         out.update(motion=statistics.fmean(motion), motion_predictor="0 (no motion)")
     return out
