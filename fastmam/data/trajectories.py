@@ -195,6 +195,49 @@ def sample_bilinear(field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarr
     return top * (1 - fy) + bottom * fy
 
 
+def map_trajectories(disp: np.ndarray, valid: np.ndarray, flow_size: tuple[int, int], frame_size: tuple[int, int],
+                     box, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One start's cached trajectories -> the model input's points after the clip's crop, resize and flip.
+
+    disp (Gy, Gx, L, 2) steps in flow-frame pixels and valid (Gy, Gx), of the grid points of the flow frame
+    (``flow_size`` (h, w)); ``frame_size`` (H, W): the decoded frame that ``box`` (``sampling.CropBox``: rows
+    ``y .. y+h``, columns ``x .. x+w``, resized to size x size, then flipped) refers to. Returns disp (G, G, L, 2)
+    float32 and valid (G, G) bool, G = size // 8, for the points at 4 + 8 i of the model input, the format of
+    ``fastmam.ops.trajectory_target``:
+
+    - a model-input point's source: pixel-centre coordinates through the resize (``align_corners=False``, as
+      ``sampling.apply_crop``), un-flipped first: ``x_src = box.x + x' * box.w / size`` with ``x' = size - x`` under
+      flip; then to flow-frame pixels (``x_src * w / W``);
+    - its steps: the cached steps of the four surrounding cached points, interpolated bilinearly (edge replication
+      beyond the outermost points, as ``sample_bilinear``), scaled to model-input pixels (x by ``(W / w) * size /
+      box.w``, y by ``(H / h) * size / box.h``) and dx negated under flip;
+    - valid: every cached point it interpolates with a nonzero weight is valid, and it stays inside the model input
+      (0 <= x < size, 0 <= y < size) after each step.
+    """
+    gy, gx, length = disp.shape[:3]
+    (h, w), (big_h, big_w) = flow_size, frame_size
+    if disp.shape != (gy, gx, length, 2) or valid.shape != (gy, gx) or gy < 1 or gx < 1:
+        raise ValueError(f"disp {disp.shape} and valid {valid.shape}: expected (Gy, Gx, L, 2) and (Gy, Gx)")
+    if size < GRID_STEP or box.h < 1 or box.w < 1:
+        raise ValueError(f"size={size} and box {box}: expected size >= {GRID_STEP} and a non-empty box")
+    pts = GRID_OFFSET + GRID_STEP * np.arange(size // GRID_STEP, dtype=np.float64)  # model-input point positions
+    x_in = size - pts if box.flip else pts
+    x_flow = (box.x + x_in * box.w / size) * w / big_w
+    y_flow = (box.y + pts * box.h / size) * h / big_h
+    # cached point i sits at 4 + 8 i: in sample_bilinear's pixel-centre coordinates of the (Gy, Gx) grid, i + 0.5
+    xs, ys = np.meshgrid((x_flow - GRID_OFFSET) / GRID_STEP + 0.5, (y_flow - GRID_OFFSET) / GRID_STEP + 0.5)
+    field = np.concatenate([disp.reshape(gy, gx, 2 * length), valid[..., None]], axis=-1).astype(np.float64)
+    got = sample_bilinear(field, xs, ys)  # (G, G, 2L + 1)
+    out = got[..., : 2 * length].reshape(*xs.shape, length, 2)
+    out *= np.array([big_w / w * size / box.w, big_h / h * size / box.h])
+    if box.flip:
+        out[..., 0] *= -1
+    ok = got[..., -1] >= 1.0 - 1e-9  # any invalid neighbour with a nonzero weight pulls the bilinear weight below 1
+    pos = np.stack(np.meshgrid(pts, pts), axis=-1)[:, :, None, :] + np.cumsum(out, axis=2)  # (G, G, L, 2)
+    ok &= ((pos >= 0) & (pos < size)).all(axis=(2, 3))
+    return out.astype(np.float32), ok
+
+
 def track(flows: Iterable[np.ndarray], length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Trajectories of the grid points from every start frame -> per start f = 0, 1, ...: (disp float64
     (Gy, Gx, L, 2), valid bool (Gy, Gx)), in order.

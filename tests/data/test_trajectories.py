@@ -406,3 +406,84 @@ def test_real_h264_clips_and_damaged_files(tmp_path, monkeypatch):
     monkeypatch.setattr(FlowEstimator, "__call__", fail)
     blob, row, _ = extract_video(str(good), TrajectoryParams())
     assert blob is None and row["bad"].startswith("optical flow failed between frames 0 and 1 (")
+
+
+# --------------------------------------------------------------------------- crop / resize / flip mapping
+
+
+def _linear_field(h, w, length, a=(0.05, -0.02), b=(1.0, 0.5)):
+    """Cached steps of the (h, w) flow frame's grid points that depend linearly on the point's x: step = a x + b."""
+    from fastmam.data.trajectories import grid_points
+
+    gx, gy = grid_points(h, w)
+    x = np.broadcast_to(gx[None, :], (len(gy), len(gx)))
+    disp = np.stack([a[0] * x + b[0], a[1] * x + b[1]], -1)[:, :, None, :].repeat(length, 2)
+    return disp.astype(np.float32), np.ones((len(gy), len(gx)), bool)
+
+
+def test_mapping_full_frame_is_the_identity():
+    from fastmam.data.sampling import CropBox
+    from fastmam.data.trajectories import map_trajectories
+
+    disp, valid = _linear_field(64, 64, 3, a=(0.0, 0.0), b=(0.25, 0.0))
+    disp[3, 5] = (0.7, 0.1)
+    out, ok = map_trajectories(disp, valid, (64, 64), (64, 64), CropBox(0, 0, 64, 64), 64)
+    np.testing.assert_array_equal(out, disp)
+    assert ok.all()  # the last column moves right 3 x 0.25 px: x 60 -> 60.75, inside
+    # points whose path leaves the input are invalid: 3 x 1.5 px takes the last column from x 60 to 64.5
+    far, ok_far = map_trajectories(disp * 6, valid, (64, 64), (64, 64), CropBox(0, 0, 64, 64), 64)
+    assert not ok_far[:, -1].any() and ok_far[:, :-1].all()
+    np.testing.assert_array_equal(far, disp * 6)
+
+
+def test_mapping_scales_by_resize_and_flow_size_and_negates_dx_under_flip():
+    from fastmam.data.sampling import CropBox
+    from fastmam.data.trajectories import map_trajectories
+
+    # flow computed at half the decoded size; a 48 x 32 (h x w) crop resized to 64: x by 2 * 64/32, y by 2 * 64/48
+    a, b = (0.05, -0.02), (1.0, 0.5)
+    disp, valid = _linear_field(60, 80, 2, a, b)
+    box = CropBox(y=20, x=40, h=48, w=32)
+    for flip in (False, True):
+        out, ok = map_trajectories(disp, valid, (60, 80), (120, 160), CropBox(box.y, box.x, box.h, box.w, flip), 64)
+        pts = 4.0 + 8 * np.arange(8)
+        x_in = 64 - pts if flip else pts
+        x_flow = (box.x + x_in * box.w / 64) * 80 / 160  # the source position of each model-input column
+        want_x = (a[0] * x_flow + b[0]) * (160 / 80) * (64 / box.w) * (-1 if flip else 1)
+        want_y = (a[1] * x_flow + b[1]) * (120 / 60) * (64 / box.h)
+        # float32 output: rounding of the values (<= 1e-6 relative) plus the interpolation weights' (atol)
+        np.testing.assert_allclose(out[..., 0], np.broadcast_to(want_x[None, :, None], (8, 8, 2)), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(out[..., 1], np.broadcast_to(want_y[None, :, None], (8, 8, 2)), rtol=1e-5,
+                                   atol=1e-6)
+        assert out.shape == (8, 8, 2, 2) and out.dtype == np.float32 and ok.dtype == bool
+    # flipping mirrors the columns: column j of the flipped result is column 7 - j of the plain one, dx negated
+    plain, _ = map_trajectories(disp, valid, (60, 80), (120, 160), box, 64)
+    flipped, _ = map_trajectories(disp, valid, (60, 80), (120, 160), CropBox(box.y, box.x, box.h, box.w, True), 64)
+    np.testing.assert_allclose(flipped[:, ::-1] * np.array([-1, 1]), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_mapping_invalid_neighbours_make_a_point_invalid():
+    from fastmam.data.sampling import CropBox
+    from fastmam.data.trajectories import map_trajectories
+
+    disp, valid = _linear_field(64, 64, 2, a=(0.0, 0.0), b=(0.0, 0.0))
+    valid[2, 2] = False
+    out, ok = map_trajectories(disp, valid, (64, 64), (64, 64), CropBox(0, 0, 64, 64), 64)
+    assert not ok[2, 2] and ok.sum() == 63  # on the grid: only the point itself
+    # a crop magnified 2x: model-input points between cached ones interpolate the invalid one -> invalid too
+    out, ok = map_trajectories(disp, valid, (64, 64), (64, 64), CropBox(0, 0, 32, 32), 64)
+    src = (4.0 + 8 * np.arange(8)) * 32 / 64  # source positions 2, 6, ..., 30: cached point 2 sits at 20
+    near = np.abs((src - 4) / 8 - 2) < 1  # within one cached point of index 2 (nonzero bilinear weight)
+    np.testing.assert_array_equal(ok, ~(near[:, None] & near[None, :]))
+
+
+def test_mapping_rejects_bad_shapes():
+    from fastmam.data.sampling import CropBox
+    from fastmam.data.trajectories import map_trajectories
+
+    disp, valid = _linear_field(64, 64, 2)
+    with pytest.raises(ValueError, match="expected"):
+        map_trajectories(disp[..., :1], valid, (64, 64), (64, 64), CropBox(0, 0, 64, 64), 64)
+    with pytest.raises(ValueError, match="size"):
+        map_trajectories(disp, valid, (64, 64), (64, 64), CropBox(0, 0, 64, 64), 4)
