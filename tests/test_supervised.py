@@ -26,6 +26,7 @@ def test_quick_run_reports_both_models(tmp_path, capsys):
             assert math.isclose(c["se"], 100 * math.sqrt(c["top1"] / 100 * (1 - c["top1"] / 100) / n), abs_tol=1e-9)
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         supervised.parse_args(["--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err

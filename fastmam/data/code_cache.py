@@ -60,6 +60,26 @@ class CacheError(ValueError):
     """A code cache is missing, incomplete or does not match the config; the message says how to fix it."""
 
 
+class ProcessMemmap:
+    """A read-only memory map of a cache's data file, opened on first use in each process: a DataLoader worker
+    (forked or spawned) gets the path, not the parent's map, and opens its own. An empty file reads as no data."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self._map, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_map": None, "_pid": None}
+
+    def array(self) -> np.ndarray:
+        if self._map is None or self._pid != os.getpid():
+            size = self.path.stat().st_size
+            self._map = np.memmap(self.path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+            self._pid = os.getpid()
+        return self._map
+
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     """Codes of one video: ``frames`` maps of (gh, gw) uint16 at ``offset`` (in codes), of H x W source frames."""
@@ -146,7 +166,7 @@ class CodeCache:
         self.entries = {e["key"]: CacheEntry(e["offset"], e["frames"], tuple(e["grid"]), tuple(e["size"]))
                         for e in entries if "bad" not in e}
         self.bad = {e["key"]: e["bad"] for e in entries if "bad" in e}
-        self._codes, self._pid = None, None
+        self._codes = ProcessMemmap(self.folder / CODES_FILE, np.uint16)
 
     @classmethod
     def for_config(cls, cfg) -> CodeCache:
@@ -162,15 +182,8 @@ class CodeCache:
             )
         return cache
 
-    def __getstate__(self):  # to a spawned loader worker: the index, not the mapped codes
-        return {**self.__dict__, "_codes": None, "_pid": None}
-
     def _memmap(self) -> np.ndarray:
-        if self._codes is None or self._pid != os.getpid():  # DataLoader workers each open their own map
-            path = self.folder / CODES_FILE
-            self._codes = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
-            self._pid = os.getpid()
-        return self._codes
+        return self._codes.array()  # each loader worker opens its own map
 
     def entry(self, path: str) -> CacheEntry:
         """The cache entry of a video; ``BadVideo`` when the cache lacks it (replaced like an unreadable file)."""

@@ -91,7 +91,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .code_cache import INDEX_FILE, CacheError, _append_sync, _read_index, cache_key  # the same index format
+from .code_cache import (  # the same index format
+    INDEX_FILE,
+    CacheError,
+    ProcessMemmap,
+    _append_sync,
+    _read_index,
+    cache_key,
+)
 from .decode import BadVideo, decoding_failed, open_video, probe
 
 FORMAT = "fastmam-trajectories/1"
@@ -439,7 +446,7 @@ class TrajectoryCache:
         if have < end:
             raise TrajectoryCacheError(f"{self.folder / DATA_FILE} is shorter than its index says ({have} < {end} "
                                        "bytes): the cache is damaged; delete the folder and extract again")
-        self._data, self._pid = None, None
+        self._data = ProcessMemmap(self.folder / DATA_FILE, np.uint8)
 
     @classmethod
     def open(cls, folder: str | Path, list_path: str | Path | None = None, params: TrajectoryParams | None = None,
@@ -466,15 +473,8 @@ class TrajectoryCache:
             cache.root = root
         return cache
 
-    def __getstate__(self):  # to a spawned loader worker: the index, not the mapped data
-        return {**self.__dict__, "_data": None, "_pid": None}
-
     def _memmap(self) -> np.ndarray:
-        if self._data is None or self._pid != os.getpid():  # DataLoader workers each open their own map
-            path = self.folder / DATA_FILE
-            self._data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-            self._pid = os.getpid()
-        return self._data
+        return self._data.array()  # each loader worker opens its own map
 
     def _key(self, video: str) -> str:
         return video if video in self.entries or video in self.bad else cache_key(video, self.root)
