@@ -152,8 +152,9 @@ class TargetsConfig(_Section):
     ``rgb_diff_dense`` (each sampled frame minus the raw frame right after it, which the video
     loaders supply as ``next_video``), ``trajectory`` (MME: where the token's points on the 8-px grid move over the
     next ``trajectory_length`` frames, ``ops.trajectory_target`` normalized by ``trajectory_norm``, masked MSE
-    ``ops.trajectory_loss`` over the valid points; the loader supplies the trajectories -- for now only the synthetic
-    source, from its shapes' true motion), or ``none``.
+    ``ops.trajectory_loss`` over the valid points; the loader supplies the trajectories: the synthetic source from
+    its shapes' true motion, the video source from ``trajectory_cache``, extracted once by ``python -m
+    fastmam.data.trajectories`` and mapped through each clip's crop, resize and flip), or ``none``.
     appearance ``hog`` (MME's shape target): ``ops.hog_target`` of each tubelet's first frame -- 9 orientation bins x
     8-px cells x RGB, L2-normalized per token (108 values for p=16) -- regressed with MSE by a linear head.
     trajectory_norm: ``patch_std`` (MME's scripts' ``--traj_norm PatchStd``, the default: per-token z-score, removes
@@ -174,6 +175,9 @@ class TargetsConfig(_Section):
     trajectory_length: int = Field(4, ge=1, description="trajectory: steps L each point is followed (MME: 4)")
     trajectory_norm: Literal["patch_std", "global"] = Field(
         "patch_std", description="trajectory: per-token z-score (MME's PatchStd) or a global bound of 16 px/step"
+    )
+    trajectory_cache: str = Field(
+        "", description="folder written by `python -m fastmam.data.trajectories` (motion: trajectory, source: video)"
     )
 
     @property
@@ -441,7 +445,8 @@ class Config(_Section):
         return self
 
     def _motion_target_rules(self) -> None:
-        """MME's targets: HOG cells and trajectory points lie on an 8-px grid; real-video trajectories: not wired."""
+        """MME's targets: HOG cells and trajectory points lie on an 8-px grid; real videos' trajectories come from a
+        cache (whose list and length the loader checks when it opens it)."""
         m, tg, d = self.model, self.targets, self.data
         if tg.appearance == "hog" and m.patch % 8:
             raise ValueError(
@@ -454,12 +459,11 @@ class Config(_Section):
                     f"targets.motion='trajectory' follows points on an 8-px grid (2x2 per 16-px patch): "
                     f"model.patch={m.patch} must be a multiple of 8"
                 )
-            if d.source != "synthetic":
+            if d.source == "video" and not tg.trajectory_cache:
                 raise ValueError(
-                    "targets.motion='trajectory' with data.source='video' is not wired yet: "
-                    "`python -m fastmam.data.trajectories --list LIST --out DIR` builds the trajectory cache, but "
-                    "the video loaders do not map it through the crop, resize and flip yet; use data.source=synthetic "
-                    "(true trajectories of the shapes) or another targets.motion"
+                    "targets.motion='trajectory' with data.source='video' needs targets.trajectory_cache, a folder "
+                    f"written by `python -m fastmam.data.trajectories --list {d.train_list or 'LIST'} --out DIR "
+                    f"--length {tg.trajectory_length}` (the trajectories of every frame of data.train_list)"
                 )
 
     def _decoder_masking_geometry(self, tokens: int, spatial: int, hidden: int) -> None:

@@ -189,7 +189,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
             next_clip = batch["next_video"].to(dist.device, non_blocking=True) if "next_video" in batch else None
             codes = batch["codes"].to(dist.device, non_blocking=True) if "codes" in batch else None  # cached codes
             noise = step_noise(model.noise_shape(clip.shape[0]), cfg.seed, step, micro, dist.rank, dist.device)
-            # MME's trajectory target: the loader's trajectories of each tubelet's first frame (synthetic source)
+            # MME's trajectory target: the loader's trajectories of each tubelet's first frame (synthetic or cached)
             traj = {k: batch[k].to(dist.device, non_blocking=True) for k in ("trajectories", "trajectory_valid")
                     if k in batch}
             out = engine(clip, noise, next_clip, codes, **traj)

@@ -6,7 +6,8 @@ for every key of a micro-step, the replace loop tries attempts 0, 1, ... of ``vi
 the frame count, frame size and codec come from the one prober (``decode.probe`` through
 ``VideoDataset.info``: the same rule for a bad file as the CPU loaders and ``prepare``); then
 the k = ``repeated_sampling`` crop boxes are drawn from the plan's generator, after ``plan()``, as the
-CPU path draws them after decoding.
+CPU path draws them after decoding. Cached codes and trajectories are read and mapped through those boxes on the
+CPU at planning time, by the dataset's own ``cached_codes`` / ``cached_trajectories``, and travel with the batch.
 
 DALI then runs, per sample: one decode of the planned frames (``fn.decoders.video``, ``frames=`` the
 T indices, followed by the T next indices for dense motion), and for each of the k crops
@@ -72,6 +73,8 @@ class _Item:
     frames: np.ndarray  # (T,) or (2T,) int32: the T indices, then the T next indices for dense motion
     encoded: np.ndarray  # (bytes,) uint8: the whole file
     codes: torch.Tensor | None  # (k, T, S/p, S/p) int32 cached codes through the plan's crops, or None
+    # (k, T/t, S/8, S/8, L, 2) float32 and (k, T/t, S/8, S/8) bool cached trajectories through the crops, or None
+    trajectories: tuple[torch.Tensor, torch.Tensor] | None
     bad: list[tuple[str, str]] = field(default_factory=list)  # failed attempts of this key, in order
 
 
@@ -106,6 +109,8 @@ class DaliLoader:
     Each batch: ``video`` (B, T, S, S, C) uint8 with B = items x k (the k repeated crops of one decode
     are consecutive, item-major), ``next_video`` of the same shape for dense motion (frames j+1),
     ``codes`` (B, T, S/p, S/p) int32 CPU tensor with a code cache (``VideoDataset.cached_codes``),
+    ``trajectories`` (B, T/t, S/8, S/8, L, 2) float32 and ``trajectory_valid`` (B, T/t, S/8, S/8) bool CPU tensors
+    with a trajectory cache (``VideoDataset.cached_trajectories``, the CPU loaders' mapping),
     ``label`` and ``index`` (B,) int64 CPU tensors, ``bad``: the (path, reason) of every failed attempt.
     Videos are CUDA tensors on ``device`` when it is a CUDA device (DALI's buffers, handed over via
     DLPack), CPU tensors otherwise (DALI's CPU pipeline: VP8 / VP9 / MJPEG only).
@@ -156,6 +161,8 @@ class DaliLoader:
                 self._check_codec(path, head.codec)
                 plan.boxes = ds.crops(plan, head.height, head.width)  # exactly once, after plan(): CPU's stream
                 codes = ds.cached_codes(plan, head.height, head.width)
+                # mapped on the CPU here, with the crops; moved with the batch like the codes
+                trajectories = ds.cached_trajectories(plan, head.height, head.width)
                 try:
                     encoded = np.fromfile(path, dtype=np.uint8)
                 except OSError as exc:
@@ -166,7 +173,7 @@ class DaliLoader:
                 bad.append((path, reason))
                 continue
             wanted = plan.indices if plan.next_indices is None else np.concatenate([plan.indices, plan.next_indices])
-            return _Item(index, epoch, attempt, plan, wanted.astype(np.int32), encoded, codes, bad)
+            return _Item(index, epoch, attempt, plan, wanted.astype(np.int32), encoded, codes, trajectories, bad)
         raise all_attempts_failed(index, bad)
 
     def _plan_batch(self, keys) -> _Batch:
@@ -256,6 +263,10 @@ class DaliLoader:
             codes = torch.cat([it.codes for it in batch.items])
             # pinned: a copy from pageable memory would make the step's host-to-device copy wait for the stream
             out["codes"] = codes.pin_memory() if self.gpu else codes
+        if batch.items[0].trajectories is not None:  # planned with the crops: (items * k, T/t, S/8, S/8, ...)
+            for j, key in enumerate(("trajectories", "trajectory_valid")):
+                v = torch.cat([it.trajectories[j] for it in batch.items])
+                out[key] = v.pin_memory() if self.gpu else v
         out["label"] = torch.tensor([it.plan.label for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["index"] = torch.tensor([it.plan.index for it in batch.items], dtype=torch.int64).repeat_interleave(k)
         out["bad"] = [b for it in batch.items for b in it.bad]

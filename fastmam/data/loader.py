@@ -79,10 +79,6 @@ def build_dataset(cfg: Config) -> Dataset:
         traj = (tubelet, tg.trajectory_length) if tg.motion == "trajectory" else None
         return SyntheticShapes(d.num_samples, d.num_frames, d.img_size, d.img_size, seed=cfg.seed, trajectories=traj)
     if d.source == "video":
-        if cfg.targets.motion == "trajectory":  # Config rejects this too; a hand-built config must not slip through
-            raise ValueError("targets.motion='trajectory' is not wired for data.source='video' yet: "
-                             "`python -m fastmam.data.trajectories` builds the cache, mapping it in the loaders is "
-                             "the next step")
         from .annotations import read_list
         from .sampling import spec_from_config
         from .video import VideoDataset
@@ -93,7 +89,12 @@ def build_dataset(cfg: Config) -> Dataset:
             from .code_cache import CodeCache
 
             codes = CodeCache.for_config(cfg)
-        return VideoDataset(videos, spec_from_config(cfg), d.backend, d.decode_threads, codes)
+        trajectories = None
+        if cfg.targets.motion == "trajectory":  # MME's target: the cache of `python -m fastmam.data.trajectories`
+            from .trajectories import TrajectoryCache
+
+            trajectories = TrajectoryCache.for_config(cfg)  # refused now, not in hour 40, if it does not match
+        return VideoDataset(videos, spec_from_config(cfg), d.backend, d.decode_threads, codes, trajectories)
     raise ValueError(f"data.source='{d.source}' has no dataset builder")
 
 
@@ -102,7 +103,8 @@ def build_loader(cfg: Config, dataset: Dataset, rank: int, world_size: int, star
     """Batches for micro-steps [start, end) on this rank: dicts with ``video`` (B, T, H, W, C) uint8
     (B = data.batch_size), ``label``, ``index``, ``bad`` (and ``next_video`` for dense motion, ``codes``
     (B, T, H/p, W/p) for cached codes, ``trajectories`` (B, T/t, H/8, W/8, L, 2) float32 and ``trajectory_valid``
-    (B, T/t, H/8, W/8) bool for trajectory targets, synthetic source only).
+    (B, T/t, H/8, W/8) bool for trajectory targets: the true ones of the synthetic shapes, or a video's cached
+    ones through each clip's crop, resize and flip).
 
     CPU decoders run in DataLoader workers; ``data.backend: dali`` returns DALI's GPU pipeline,
     fed by the same sampler and sampling plans."""

@@ -16,6 +16,13 @@ Frames (VideoMAE's rule): ``T`` frames at stride ``s`` from a start drawn unifor
 
 Dense motion pairs: for each sampled frame ``i``, also frame ``min(i+1, n-1)``.
 
+Trajectories (MME, ``targets.motion: trajectory``): the first frame of each tubelet (indices ``[0::t]``) is tracked
+over the ``L`` raw frames after it, which the video must hold. A random start leaves room for them: it is drawn in
+``[0, min(n - T*s, n - 1 - L - (T - t)*s)]``, which differs from VideoMAE's range only when ``t*s < L + 1`` (e.g.
+stride 2 with t = 2, L = 4: one frame less). So every draw for a video has its trajectories, or none does (fewer
+than ``(T - t)*s + L + 1`` frames, clamped or not): a video without them is a property of the video, which the
+loaders replace as a bad one, not bad luck of one draw.
+
 Crops, in source-frame pixels, then a bilinear resize (antialiased) to ``img_size`` squared:
 
 - ``multiscale`` (VideoMAE's GroupMultiScaleCrop): the base is the short side; crop width and
@@ -63,6 +70,8 @@ class SamplingSpec:
     short_videos: str = "clamp"
     dense: bool = False
     seed: int = 0
+    tubelet: int = 1  # t: frames per tubelet, whose first frame starts a trajectory
+    trajectory_length: int = 0  # L raw frames tracked from each tubelet's first frame (MME); 0: no trajectories
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,8 @@ def spec_from_config(cfg) -> SamplingSpec:
         num_frames=d.num_frames, stride=d.stride, img_size=d.img_size, crop=d.crop,
         crop_scales=tuple(d.crop_scales), rrc_scale=tuple(d.rrc_scale), rrc_ratio=tuple(d.rrc_ratio),
         flip=d.flip, repeated=d.repeated_sampling, short_videos=d.short_videos,
-        dense=cfg.targets.motion == "rgb_diff_dense", seed=cfg.seed,
+        dense=cfg.targets.motion == "rgb_diff_dense", seed=cfg.seed, tubelet=cfg.model.tubelet,
+        trajectory_length=cfg.targets.trajectory_length if cfg.targets.motion == "trajectory" else 0,
     )
 
 
@@ -92,8 +102,9 @@ def sample_rng(seed: int, index: int, epoch: int, attempt: int) -> np.random.Gen
 
 
 def sample_frame_indices(num_video_frames: int, num_frames: int, stride: int, rng: np.random.Generator,
-                         short_videos: str = "clamp") -> np.ndarray:
-    """Frame indices (num_frames,) int64 into a video of ``num_video_frames`` frames (module docstring)."""
+                         short_videos: str = "clamp", tubelet: int = 1, trajectory_length: int = 0) -> np.ndarray:
+    """Frame indices (num_frames,) int64 into a video of ``num_video_frames`` frames (module docstring); with
+    ``trajectory_length`` L > 0 the random start leaves L frames after the last tubelet's first frame."""
     n = num_video_frames
     if n < 1:
         raise ValueError(f"a video needs at least one frame to sample from, got {n}")
@@ -107,7 +118,10 @@ def sample_frame_indices(num_video_frames: int, num_frames: int, stride: int, rn
             stride = max(1, n // num_frames)
             span = num_frames * stride
     if n >= span:
-        start = int(rng.integers(0, n - span + 1))
+        last = n - span
+        if trajectory_length:  # frame (T - t)*s of the clip starts the last trajectory: L frames must follow it
+            last = max(0, min(last, n - 1 - trajectory_length - (num_frames - tubelet) * stride))
+        start = int(rng.integers(0, last + 1))
         return start + stride * np.arange(num_frames, dtype=np.int64)
     return np.minimum(stride * np.arange(num_frames, dtype=np.int64), n - 1)
 

@@ -46,8 +46,15 @@ average and up to 0.34 px, Farneback by about 0.01 px (``tests/data/test_traject
   ``{"key", "bad": reason}``, and a last line ``{"complete": true, "videos", "bad", "frames", "starts"}``.
 
 A point (x, y) and a step (dx, dy) of the cache are (x * W / w, y * H / h) and (dx * W / w, dy * H / h) in pixels
-of the decoded H x W frame (``TrajectoryEntry.scale``); mapping them through a training crop, resize and flip is the
-loader's work.
+of the decoded H x W frame (``TrajectoryEntry.scale``).
+
+**Training** (``targets.motion: trajectory``, ``data.source: video``, ``targets.trajectory_cache: DIR``): every
+loader backend (pyav, decord, DALI) opens the cache with ``TrajectoryCache.for_config`` at startup -- refused unless
+it is complete, of ``data.train_list`` and of L = ``targets.trajectory_length`` -- and, for each sampled clip,
+reads the trajectories of its tubelets' first frames (frame indices ``[0::tubelet]``, raw-video frame numbers) and
+maps them through each of the clip's crop boxes, resize and flip (``clip_trajectories`` -> ``map_trajectories``),
+the ones its pixels went through: (k, T/t, S/8, S/8, L, 2) float32 and (k, T/t, S/8, S/8) bool per decoded video,
+``trajectories`` / ``trajectory_valid`` of the batch.
 
 **Writing** appends only, in list order whatever ``--jobs``: a batch of records is appended to the data file and
 fsynced before their index lines are appended (and fsynced), so every index line names data on disk. Rerunning the
@@ -67,10 +74,13 @@ overall and per worker process, i.e. per core).
     e = cache.entry(video_path)                   # frames, starts, grid, size, flow_size, scale
     x, y = cache.points(video_path)               # float64 (Gx,), (Gy,): the grid in flow_size pixels
 
+    boxes_disp, boxes_valid = cache.clip_trajectories(video_path, starts, boxes, (H, W), size)  # the loaders' call
+
 ``open`` raises ``TrajectoryCacheError`` (a ``code_cache.CacheError``) for a folder without a cache, an unfinished
-cache, one built from another list (other video keys) or with other extraction parameters; the message says what
-to run. ``read`` raises ``BadVideo`` for a video the cache lacks or recorded as bad, and for starts it does not
-hold, so that the loaders replace it like any bad video.
+cache, one built from another list (other video keys), with other extraction parameters or another length L; the
+message says what to run. ``read`` and ``clip_trajectories`` raise ``BadVideo`` for a video the cache lacks or
+recorded as bad, for starts it does not hold and (``clip_trajectories``) for frames of another size than the cache's,
+so that the loaders replace it like any bad video.
 """
 
 from __future__ import annotations
@@ -90,6 +100,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .code_cache import (  # the same index format
     INDEX_FILE,
@@ -450,10 +461,19 @@ class TrajectoryCache:
 
     @classmethod
     def open(cls, folder: str | Path, list_path: str | Path | None = None, params: TrajectoryParams | None = None,
-             data_root: str | Path = "", list_format: str = "auto", hmdb51_split: int = 1) -> TrajectoryCache:
+             data_root: str | Path = "", list_format: str = "auto", hmdb51_split: int = 1,
+             length: int | None = None) -> TrajectoryCache:
         """A complete cache, checked against the video list it must have been built from (same video keys in the
-        same order; the list may have moved: keys are relative to its root) and the extraction parameters."""
+        same order; the list may have moved: keys are relative to its root), the extraction parameters (all of
+        ``params``) and the trajectory length (``length`` alone: L, whatever the flow method)."""
         cache = cls(folder)
+        if length is not None and cache.params.length != length:
+            wanted = TrajectoryParams(length, cache.params.method, cache.params.preset, cache.params.short_side)
+            raise TrajectoryCacheError(
+                f"the trajectory cache {cache.folder} holds trajectories of L={cache.params.length} steps, "
+                f"L={length} wanted (targets.trajectory_length): extract them into another folder with `python -m "
+                f"fastmam.data.trajectories --list {list_path or 'LIST'} --out NEW_FOLDER {wanted.cli()}`, or train "
+                f"with targets.trajectory_length={cache.params.length}")
         if params is not None and params.header() != {k: cache.header.get(k) for k in params.header()}:
             have = cache.params
             diff = ", ".join(f"{k}: {cache.header.get(k)!r} in the cache, {v!r} wanted"
@@ -472,6 +492,19 @@ class TrajectoryCache:
                     f"{list_path} --out NEW_FOLDER {cache.params.cli()}`")
             cache.root = root
         return cache
+
+    @classmethod
+    def for_config(cls, cfg) -> TrajectoryCache:
+        """The cache of ``targets.trajectory_cache``, checked against ``data.train_list`` (same videos, same order)
+        and ``targets.trajectory_length`` (what ``Config`` cannot check: it does not read the folder)."""
+        d, tg = cfg.data, cfg.targets
+        if not tg.trajectory_cache:  # Config refuses this too; a hand-built config must not slip through
+            raise TrajectoryCacheError(
+                f"targets.motion='trajectory' with data.source='video' needs targets.trajectory_cache, a folder "
+                f"written by `python -m fastmam.data.trajectories --list {d.train_list or 'LIST'} --out DIR "
+                f"--length {tg.trajectory_length}`")
+        return cls.open(tg.trajectory_cache, list_path=d.train_list, data_root=d.data_root,
+                        list_format=d.list_format, hmdb51_split=d.hmdb51_split, length=tg.trajectory_length)
 
     def _memmap(self) -> np.ndarray:
         return self._data.array()  # each loader worker opens its own map
@@ -494,15 +527,22 @@ class TrajectoryCache:
         e = self.entry(video)
         return grid_points(*e.flow_size)
 
-    def read(self, video: str, starts) -> tuple[np.ndarray, np.ndarray]:
-        """Trajectories from start frames ``starts`` (n,) -> (disp float32 (n, Gy, Gx, L, 2): the (dx, dy) of each
-        step in ``flow_size`` pixels, valid bool (n, Gy, Gx)); ``BadVideo`` for a start the cache does not hold."""
+    def check(self, video: str, starts) -> TrajectoryEntry:
+        """The record of a video after checking that it holds start frames ``starts`` (n,); ``BadVideo`` otherwise.
+        Reads no trajectories: the loaders call it when planning a sample, before decoding."""
         e = self.entry(video)
         idx = np.asarray(starts, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= e.starts):
             bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
             raise BadVideo(f"trajectories from frame {bad} requested, the trajectory cache holds start frames 0.."
                            f"{e.starts - 1} ({e.frames} frames, L={e.length})")
+        return e
+
+    def read(self, video: str, starts) -> tuple[np.ndarray, np.ndarray]:
+        """Trajectories from start frames ``starts`` (n,) -> (disp float32 (n, Gy, Gx, L, 2): the (dx, dy) of each
+        step in ``flow_size`` pixels, valid bool (n, Gy, Gx)); ``BadVideo`` for a start the cache does not hold."""
+        e = self.check(video, starts)
+        idx = np.asarray(starts, dtype=np.int64).reshape(-1)
         (gy, gx), length = e.grid, e.length
         record = self._memmap()[e.offset : e.offset + e.bytes]
         n_disp = e.starts * gy * gx * length * 2
@@ -511,6 +551,30 @@ class TrajectoryCache:
         bits = record[2 * n_disp : 2 * n_disp + e.starts * row].reshape(e.starts, row)
         valid = np.unpackbits(bits[idx], axis=1, count=gy * gx).reshape(len(idx), gy, gx).astype(bool)
         return disp[idx].astype(np.float32), valid
+
+    def clip_trajectories(self, video: str, starts, boxes, frame_size: tuple[int, int],
+                          img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trajectories of a clip's start frames ``starts`` (n,) (its tubelets' first frames) seen through each
+        of its crops ``boxes`` (k ``sampling.CropBox``, in pixels of the decoded ``frame_size`` (H, W) frames,
+        resized to ``img_size`` squared, then flipped) -> (disp (k, n, G, G, L, 2) float32 in model-input pixels,
+        valid (k, n, G, G) bool), G = img_size // 8: ``map_trajectories`` of every (crop, start), the format of
+        ``fastmam.ops.trajectory_target``. The one mapping of every loader backend.
+
+        ``BadVideo`` for a video the cache lacks or holds as bad, starts it does not hold, or decoded frames of
+        another size than the frames the cache was extracted from."""
+        e = self.check(video, starts)
+        if tuple(frame_size) != e.size:
+            raise BadVideo(f"decodes to {frame_size[0]}x{frame_size[1]} frames but its cached trajectories are of "
+                           f"{e.size[0]}x{e.size[1]} frames: extract the trajectory cache {self.folder} again")
+        disp, valid = self.read(video, starts)
+        g = img_size // GRID_STEP
+        out_disp = np.empty((len(boxes), len(disp), g, g, e.length, 2), np.float32)
+        out_valid = np.empty((len(boxes), len(disp), g, g), bool)
+        for c, box in enumerate(boxes):  # each crop of a repeated sample gets its own mapping
+            for j in range(len(disp)):
+                out_disp[c, j], out_valid[c, j] = map_trajectories(disp[j], valid[j], e.flow_size, e.size, box,
+                                                                   img_size)
+        return torch.from_numpy(out_disp), torch.from_numpy(out_valid)
 
 
 # ---------------------------------------------------------------------------------------------- writing

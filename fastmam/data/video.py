@@ -14,7 +14,11 @@ past ``data.max_bad_fraction``.
 Item: ``{"video": (k, T, S, S, C) uint8, "label": int, "index": int, "bad": [(path, reason)]}``
 with k = ``repeated_sampling`` crops of one decode (``"next_video"`` too for dense motion, and
 ``"codes"`` (k, T, S/p, S/p) int32 with a code cache: each frame's cached codes seen through the same
-crop and flip, ``code_cache.CodeCache.clip_codes``; a video the cache lacks is replaced as a bad one).
+crop and flip, ``code_cache.CodeCache.clip_codes``; a video the cache lacks is replaced as a bad one; and
+``"trajectories"`` (k, T/t, S/8, S/8, L, 2) float32 / ``"trajectory_valid"`` (k, T/t, S/8, S/8) bool with a
+trajectory cache: the cached trajectories of each tubelet's first frame through the same crop, resize and flip,
+``trajectories.TrajectoryCache.clip_trajectories``; a video without them -- recorded bad in the cache, absent, or
+too short for L frames after its last tubelet's first frame -- is found when planning and replaced as a bad one).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .sampling import (
     sample_frame_indices,
     sample_rng,
 )
+from .trajectories import TrajectoryCache
 
 #: consecutive failed attempts for one item before the loader gives up (every file tried was bad)
 MAX_ATTEMPTS = 32
@@ -63,10 +68,17 @@ class VideoDataset(Dataset):
     """Map-style dataset over a ``VideoList``; ``dataset[(index, epoch)]`` (or ``dataset[index]``, epoch 0)."""
 
     def __init__(self, videos: VideoList, spec: SamplingSpec, backend: str = "pyav", decode_threads: int = 1,
-                 codes: CodeCache | None = None):
+                 codes: CodeCache | None = None, trajectories: TrajectoryCache | None = None):
         self.videos, self.spec, self.backend = videos, spec, backend
         self.decode_threads = decode_threads
         self.codes = codes
+        self.trajectories = trajectories  # starts: frames [0::spec.tubelet]; L: spec.trajectory_length
+        if trajectories is not None and (trajectories.params.length != spec.trajectory_length
+                                         or spec.num_frames % spec.tubelet):
+            raise ValueError(
+                f"a trajectory cache of L={trajectories.params.length} needs a SamplingSpec with trajectory_length="
+                f"{trajectories.params.length} (got {spec.trajectory_length}) and a tubelet dividing num_frames "
+                f"(got tubelet={spec.tubelet}, num_frames={spec.num_frames}); spec_from_config(cfg) sets both")
         # DALI decodes on its own; PyAV re-checks the files DALI failed on
         self._decode = decoder("pyav" if backend == "dali" else backend)
         self._info: dict[str, VideoInfo] = {}  # per process: files probed good so far
@@ -111,7 +123,9 @@ class VideoDataset(Dataset):
             self.codes.entry(path)  # a video without cached codes is bad data here, found before decoding
         rng = sample_rng(self.spec.seed, index, epoch, attempt)
         s = self.spec
-        indices = sample_frame_indices(n, s.num_frames, s.stride, rng, s.short_videos)
+        indices = sample_frame_indices(n, s.num_frames, s.stride, rng, s.short_videos, s.tubelet, s.trajectory_length)
+        if self.trajectories is not None:  # likewise a video without these starts' trajectories
+            self.trajectories.check(path, self.trajectory_starts(indices))
         nxt = next_frame_indices(indices, n) if s.dense else None
         return SamplePlan(vid, path, self.videos.labels[vid], n, indices, nxt, None, rng)
 
@@ -123,6 +137,19 @@ class VideoDataset(Dataset):
         if self.codes is None:
             return None
         return self.codes.clip_codes(plan.path, plan.indices, plan.boxes, (height, width), self.spec.img_size)
+
+    def trajectory_starts(self, indices: np.ndarray) -> np.ndarray:
+        """(T/t,) the frames whose trajectories a clip of frames ``indices`` (T,) gets: each tubelet's first."""
+        return indices[:: self.spec.tubelet]
+
+    def cached_trajectories(self, plan: SamplePlan, height: int,
+                            width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(k, T/t, S/8, S/8, L, 2) float32 and (k, T/t, S/8, S/8) bool: the cached trajectories of the plan's
+        tubelets' first frames through each of its crops of the height x width frames (None without a cache)."""
+        if self.trajectories is None:
+            return None
+        return self.trajectories.clip_trajectories(plan.path, self.trajectory_starts(plan.indices), plan.boxes,
+                                                   (height, width), self.spec.img_size)
 
     def remember_bad(self, path: str, reason: str) -> None:
         self._bad[path] = reason
@@ -143,6 +170,9 @@ class VideoDataset(Dataset):
         codes = self.cached_codes(plan, frames.shape[1], frames.shape[2])
         if codes is not None:
             item["codes"] = codes
+        traj = self.cached_trajectories(plan, frames.shape[1], frames.shape[2])
+        if traj is not None:
+            item["trajectories"], item["trajectory_valid"] = traj
         return item
 
     def __getitem__(self, key) -> dict:
@@ -178,10 +208,11 @@ def all_attempts_failed(index: int, bad: list[tuple[str, str]]) -> BadDataError:
 def collate_clips(items: list[dict]) -> dict:
     """Stack items into a batch; repeated samples (k per item) are flattened into the batch dimension.
 
-    ``video``: (B, T, H, W, C) with B = items x k; ``codes`` (cached codes): (B, T, H/p, W/p);
+    ``video``: (B, T, H, W, C) with B = items x k; ``codes`` (cached codes): (B, T, H/p, W/p); ``trajectories``:
+    (B, T/t, H/8, W/8, L, 2) float32 and ``trajectory_valid``: (B, T/t, H/8, W/8) bool (trajectory cache);
     ``label`` / ``index``: (B,); ``bad``: all failed attempts of the batch as a list of (path, reason)."""
     out: dict = {}
-    for key, dims in (("video", 6), ("next_video", 6), ("codes", 5)):
+    for key, dims in (("video", 6), ("next_video", 6), ("codes", 5), ("trajectories", 7), ("trajectory_valid", 5)):
         if key in items[0]:
             v = torch.stack([it[key] for it in items])
             out[key] = v.flatten(0, 1) if v.dim() == dims else v

@@ -215,6 +215,25 @@ def test_cached_codes_are_those_of_the_pyav_loader(clips, tmp_path):
         assert batch["codes"].shape == (4, 4, 4, 4) and torch.equal(batch["codes"], ref["codes"])
 
 
+def test_trajectories_are_those_of_the_pyav_loader(clips, tmp_path):
+    """DALI's batches carry the cached trajectories of the CPU path (one mapping, ``VideoDataset.cached_trajectories``,
+    through the same frames, crops, resizes and flips), as float32 / bool CPU tensors in the synthetic format."""
+    from fastmam.data.trajectories import TrajectoryParams, extract
+
+    # flow at short side 48: the cache's frames are not the decoded 96-px ones, so the mapping rescales too
+    extract(clips["list"], tmp_path / "traj", TrajectoryParams(short_side=48), log=lambda m: None)
+    over = ["data.flip=true", "data.repeated_sampling=2", "data.batch_size=4", "targets.motion=trajectory",
+            f"targets.trajectory_cache={tmp_path / 'traj'}"]
+    _, loader, got = run_loader(make_cfg(clips["list"], *over), end=3)
+    cpu = build_dataset(make_cfg(clips["list"], *over, "data.backend=pyav"))
+    for step, batch in zip(loader.sampler, got, strict=True):
+        ref = collate_clips([cpu[key] for key in step])
+        assert batch["trajectories"].shape == (4, 2, 4, 4, 4, 2) and batch["trajectories"].dtype == torch.float32
+        assert batch["trajectory_valid"].shape == (4, 2, 4, 4) and batch["trajectory_valid"].dtype == torch.bool
+        assert torch.equal(batch["trajectories"], ref["trajectories"])
+        assert torch.equal(batch["trajectory_valid"], ref["trajectory_valid"]) and batch["trajectory_valid"].any()
+
+
 def test_repeated_crops_share_one_decode(clips):
     cfg = make_cfg(clips["list"], "data.crop=random_resized", "data.repeated_sampling=2", "data.batch_size=4")
     ds, loader, got = run_loader(cfg, end=2)

@@ -202,7 +202,7 @@ def test_trajectory_target_is_required(rng):
     (["targets.appearance=hog", "model.patch=4", "data.img_size=32"], "appearance='hog'.*multiple of 8"),
     (["targets.motion=trajectory", "model.patch=4", "data.img_size=32"], "motion='trajectory'.*multiple of 8"),
     (["targets.motion=trajectory", "data.source=video", "data.train_list=x.csv"],
-     "not wired yet.*fastmam.data.trajectories"),
+     r"needs targets.trajectory_cache.*python -m fastmam.data.trajectories --list x.csv --out DIR --length 4"),
     (["targets.motion=trajectory", "targets.trajectory_norm=bad"], "trajectory_norm"),
     (["targets.motion=trajectory", "targets.trajectory_length=0"], "trajectory_length"),
 ])
