@@ -4,8 +4,9 @@
 forward of ``Pretrainer`` runs on ``cuda`` at ViT-B shapes (16 x 224 x 224, batch 2) in seconds on a CPU. The model is
 placed as training places it: parameters cast to the precision of ``deepspeed.precision`` ('auto' is bf16 on a GPU;
 DeepSpeed casts the parameters and keeps fp32 buffers), then moved to the device (``build``). For each objective
-(pixels + RGB difference, VQGAN codes online and cached, dense motion, VideoMAE), two steps (the second one must
-copy nothing from the host: the tokenizer moves, and the reference backend's statistics are cached, on the first):
+(pixels + RGB difference, VQGAN codes online and cached, dense motion, VideoMAE, and the method presets MAM2,
+MotionMAE and MME -- HOG and trajectory targets, one shared decoder), two steps (the second one must copy nothing
+from the host: the tokenizer moves, and the reference backend's statistics are cached, on the first):
 
 1. every public op dispatches to its fused backend on the CUDA tensors (``_backend.record_dispatch``) and the
    fused kernels' custom ops are the ones that run;
@@ -79,6 +80,10 @@ OBJECTIVES = {
                                                 "targets.code_frame=all", *VIDEO]),
     "dense_motion": ("vit_b", ["targets.motion=rgb_diff_dense", *VIDEO]),
     "videomae": ("videomae_vit_b", []),
+    # the method presets as shipped (configs/*.yaml); MME's trajectories come with the batch (step_inputs)
+    "mam2": ("mam2_vit_b", []),
+    "motionmae": ("motionmae_vit_b", []),
+    "mme": ("mme_vit_b", []),
 }
 #: the Triton custom op behind each public op (fastmam/ops/_triton.py); the dual-decoder loss of pixels is the
 #: reference's MSE inside the Triton backend (no kernel to fuse: the pixel head's output is small)
@@ -267,25 +272,40 @@ def build(mode: FakeTensorMode, preset: str, overrides: list[str], device: torch
     return cfg, model, dtype, tokenizer
 
 
-def step_inputs(cfg, model):
+class StepInputs(NamedTuple):
+    """``Pretrainer``'s arguments: ``model(*args, **kwargs)``."""
+
+    args: tuple  # clip, noise, next_clip, codes
+    kwargs: dict  # trajectories, trajectory_valid (targets.motion: trajectory)
+
+
+def step_inputs(cfg, model) -> StepInputs:
     """One batch as the loader and ``pretrain.train`` hand it to the model, on the (fake) GPU."""
-    d, p = cfg.data, cfg.model.patch
+    d, p, tg = cfg.data, cfg.model.patch, cfg.targets
     clip = torch.randint(0, 256, (BATCH, d.num_frames, d.img_size, d.img_size, 3), dtype=torch.uint8, device=CUDA)
     noise = torch.rand(model.noise_shape(BATCH), device=CUDA)
     next_clip = torch.randint(0, 256, clip.shape, dtype=torch.uint8, device=CUDA) \
-        if cfg.targets.motion == "rgb_diff_dense" else None
-    codes = torch.randint(0, cfg.targets.num_codes, (BATCH, d.num_frames, d.img_size // p, d.img_size // p),
-                          dtype=torch.int32, device=CUDA) if cfg.targets.codes == "cached" and model.uses_codes \
-        else None
-    return clip, noise, next_clip, codes
+        if tg.motion == "rgb_diff_dense" else None
+    codes = torch.randint(0, tg.num_codes, (BATCH, d.num_frames, d.img_size // p, d.img_size // p),
+                          dtype=torch.int32, device=CUDA) if tg.codes == "cached" and model.uses_codes else None
+    kwargs = {}
+    if tg.motion == "trajectory":  # the loader's float32 steps and validity bits of each tubelet's first frame
+        grid = (BATCH, d.num_frames // cfg.model.tubelet, d.img_size // 8, d.img_size // 8)
+        kwargs = {"trajectories": torch.randn(*grid, tg.trajectory_length, 2, device=CUDA),
+                  "trajectory_valid": torch.rand(grid, device=CUDA) < 0.9}
+    return StepInputs((clip, noise, next_clip, codes), kwargs)
 
 
 def expected_ops(cfg) -> list[str]:
-    """The public ops of one step, in call order (DESIGN §4): mask+gather, the targets, the loss."""
+    """The public ops of one step, in call order (DESIGN §4): mask+gather, the targets, the loss (its appearance
+    term alone with trajectories: ``trajectory_loss`` is plain PyTorch, not a dispatched op)."""
+    tg = cfg.targets
     names = ["tube_mask_gather"]
-    if cfg.targets.appearance == "pixel":
-        names.append("pixel_target")
-    if cfg.targets.motion != "none":
+    if tg.appearance in ("pixel", "hog"):
+        names.append(f"{tg.appearance}_target")
+    if tg.motion == "trajectory":
+        names.append("trajectory_target")
+    elif tg.motion != "none":
         names.append("rgb_diff_target")
     names.append("dual_decoder_loss")
     return names
@@ -311,7 +331,7 @@ def traced_step(mode, model, inputs, watched, prioritized=()):
              model.model.register_forward_hook(lambda m, a, o: outer.close())]
     try:
         with mode, record_dispatch() as calls, DeviceAudit() as audit, AttentionWatch(watched, prioritized) as watch:
-            out = model(*inputs)
+            out = model(*inputs.args, **inputs.kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -357,6 +377,21 @@ def test_training_step_on_fake_cuda(objective, cuda_autocast):
         by_name = {o.name: o for o in audit.custom}
         assert by_name["fastmam::gather_normalize"].outputs[0][1:] == (dtype, "cuda"), "patches in the model's dtype"
         assert all(o.outputs[0][1] == torch.float32 for o in audit.custom if o.name == "fastmam::masked_target")
+        # MME's targets: float32 (B, Nm, 108) HOG of the uint8 clip; (target, weight) float32 (B, Nm, 32) of the
+        # loader's float32 trajectories and bool validity
+        nm = (cfg.data.num_frames // cfg.model.tubelet) * int(cfg.masking.ratio * 14 * 14)  # masked tokens
+        if "fastmam::hog_target" in by_name:
+            hog = by_name["fastmam::hog_target"]
+            assert hog.inputs[:2] == [((BATCH, 16, 224, 224, 3), torch.uint8, "cuda"), ((BATCH, nm), torch.int64,
+                                                                                        "cuda")]
+            assert hog.outputs == [((BATCH, nm, 108), torch.float32, "cuda")]
+        if "fastmam::trajectory_target" in by_name:
+            traj = by_name["fastmam::trajectory_target"]
+            assert traj.inputs[:3] == [((BATCH, 8, 28, 28, 4, 2), torch.float32, "cuda"),
+                                       ((BATCH, 8, 28, 28), torch.bool, "cuda"), ((BATCH, nm), torch.int64, "cuda")]
+            assert traj.outputs == [((BATCH, nm, 32), torch.float32, "cuda")] * 2
+        if cfg.model.shared_decoder:  # MME: one decoder, no per-target ones
+            assert model.model.appearance_decoder is None and model.model.motion_decoder is None
         if model.uses_codes:  # bf16 decoder output and head into the fused CE; fp32 loss and gradients out
             h, w = by_name["fastmam::fused_linear_ce"].inputs[:2]
             assert (h[1], w[1]) == (dtype, dtype)
@@ -568,7 +603,7 @@ def test_a_cpu_buffer_in_the_model_fails_the_trace():
         inputs = step_inputs(cfg, model)
         model.model.pos_embed = torch.zeros(model.model.pos_embed.shape)  # a CPU tensor
         with pytest.raises(RuntimeError, match="(?i)device"):
-            model(*inputs)
+            model(*inputs.args, **inputs.kwargs)
 
 
 # ---------------------------------------------------------------- 2: fake implementations vs real kernels
@@ -750,7 +785,7 @@ def test_decoder_masking_step_on_fake_cuda(preset, cuda_autocast):
     cfg, model, _, _ = build(mode, preset, ["masking.decoder=running_cell"])
     with mode:
         inputs = step_inputs(cfg, model)
-    assert inputs[1].shape == (BATCH, 196 + 1 + 1568)
+    assert inputs.args[1].shape == (BATCH, 196 + 1 + 1568)
     out, calls, audit, _ = traced_step(mode, model, inputs, {})
     assert [(tuple(t.shape), t.dtype, t.device) for t in out] == [((), torch.float32, CUDA)] * 3
     want = expected_ops(cfg)

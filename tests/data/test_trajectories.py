@@ -1,6 +1,7 @@
 """Trajectory extraction: bilinear tracking of a known flow field (exact), recovery of known sub-pixel and
 multi-pixel translations and of SyntheticShapes' true motion by the optical flow (errors in px printed), borders,
-the cache (bad videos counted, byte-identical resume and --jobs, foreign caches refused) and real H.264 clips."""
+the cache (bad videos counted, byte-identical resume and --jobs, foreign caches refused), int8 storage (rounding,
+out-of-range points invalid, float16 bytes unchanged) and real H.264 clips."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ from fastmam.data.synthetic import MOTIONS, SyntheticShapes
 from fastmam.data.trajectories import (
     DATA_FILE,
     INDEX_FILE,
+    INT8_SCALE,
     FlowEstimator,
     TrajectoryCache,
     TrajectoryCacheError,
     TrajectoryParams,
+    decode_steps,
+    encode_steps,
     extract,
     extract_video,
     grid_points,
     main,
+    record_bytes,
     sample_bilinear,
     track,
     trajectories_of_frames,
@@ -406,6 +411,168 @@ def test_real_h264_clips_and_damaged_files(tmp_path, monkeypatch):
     monkeypatch.setattr(FlowEstimator, "__call__", fail)
     blob, row, _ = extract_video(str(good), TrajectoryParams())
     assert blob is None and row["bad"].startswith("optical flow failed between frames 0 and 1 (")
+
+
+# ---------------------------------------------------------------------------------------------- int8 steps
+
+
+INT8 = TrajectoryParams(dtype="int8", int8_scale=1 / 64)  # range +-1.99 px: the fast clip's 2.5 px/frame is beyond
+
+
+def tracked(clip: np.ndarray, length: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The unrounded float64 steps (starts, Gy, Gx, L, 2) and validity of a gray clip, one OpenCV thread (as the
+    extraction): what both storage dtypes round."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        est = FlowEstimator(TrajectoryParams(length=length))
+        got = list(track((est(clip[k], clip[k + 1]) for k in range(len(clip) - 1)), length))
+    finally:
+        cv2.setNumThreads(threads)
+    return np.stack([d for d, _ in got]), np.stack([v for _, v in got])
+
+
+@pytest.mark.parametrize("scale", [INT8_SCALE, 1 / 64, 0.1])
+def test_int8_steps_round_trip_within_half_a_unit(scale, rng):
+    """In range (|d| < 127.5 s), a step decodes to within s / 2 of its value: exactly for a power-of-two scale, plus
+    the float32 rounding of q * s for another (0.1); a point's validity is kept. Round to nearest: truncation would
+    be off by up to s, and the largest error seen must come near s / 2."""
+    r = np.random.default_rng(seed_of(rng))
+    disp = r.uniform(-127.49, 127.49, (5, 7, 3, 4, 2)) * scale
+    valid = r.random((5, 7, 3)) < 0.8
+    params = TrajectoryParams(dtype="int8", int8_scale=scale)
+    codes, ok = encode_steps(disp, valid, params)
+    got = decode_steps(codes, params)
+    assert codes.dtype == np.int8 and got.dtype == np.float32 and got.shape == disp.shape
+    assert np.array_equal(ok, valid)
+    err = np.abs(got.astype(np.float64) - disp)
+    bound = scale / 2 + (0.0 if scale in (INT8_SCALE, 1 / 64) else (np.abs(disp) + scale) * 2.0**-23)
+    print(f"\nint8 scale {scale}: max error {err.max():.6f} px ({err.max() / scale:.4f} units), mean "
+          f"{err.mean() / scale:.4f} units")
+    assert (err <= bound).all() and err.max() > 0.45 * scale
+
+
+def test_int8_steps_out_of_range_make_their_point_invalid():
+    """A step that rounds beyond +-127 units (|d| >= 127.5 s; 127.5 itself rounds half to even, to 128) makes its
+    point invalid and saturates -- never wraps around; the point's other steps and the other points are kept."""
+    s = INT8_SCALE
+    disp = np.full((1, 2, 3, 4, 2), 0.3)
+    valid = np.ones((1, 2, 3), bool)
+    disp[0, 0, 0, 2, 0] = 127.4 * s  # -> 127: in range
+    disp[0, 0, 1, 3, 1] = -127.6 * s  # -> -128: out
+    disp[0, 0, 2, 0, 0] = 127.5 * s  # -> 128 (half to even): out
+    disp[0, 1, 0, 1, 1] = 40.0  # 320 units: out
+    disp[0, 1, 1, 0] = (-127 * s, 127 * s)  # the ends of the range: in
+    valid[0, 1, 2] = False  # invalid stays invalid
+    codes, ok = encode_steps(disp, valid, TrajectoryParams(dtype="int8"))
+    assert ok.tolist() == [[[True, False, False], [False, True, False]]]
+    assert (codes[0, 0, 0, 2, 0], codes[0, 0, 1, 3, 1], codes[0, 0, 2, 0, 0], codes[0, 1, 0, 1, 1]) == \
+        (127, -127, 127, 127)
+    assert codes[0, 1, 1, 0].tolist() == [-127, 127] and (codes[0, :, :, 1, 0] == 2).all()  # 0.3 / s = 2.4 -> 2
+
+
+def test_float16_records_keep_the_format_before_int8(dataset):
+    """``--dtype float16`` (the default) writes what the cache wrote before int8 existed (checked once against
+    that code on these clips and a real H.264 clip, at native and reduced size): each record built here from the
+    spec -- float16 of the tracked float64 steps, the packed validity bits, zero padding to 16 bytes -- without
+    ``encode_steps`` or ``encode_record``, and a header with the same keys, ``dtype: float16`` and no int8 key."""
+    root, _, arrays, _, _ = dataset
+    lines = (root / "straight" / INDEX_FILE).read_text().splitlines()
+    header = json.loads(lines[0])
+    assert list(header) == ["format", "length", "flow", "short_side", "grid_step", "grid_offset", "dtype", "opencv",
+                            "list", "root", "videos", "list_sha256"]
+    assert header["dtype"] == "float16"
+    data = (root / "straight" / DATA_FILE).read_bytes()
+    end = 0
+    for entry in map(json.loads, lines[1:-1]):
+        if "bad" in entry:
+            continue
+        disp, valid = tracked(arrays[entry["key"]])
+        blob = disp.astype("<f2").tobytes() + np.packbits(valid.reshape(len(valid), -1), axis=1).tobytes()
+        blob += bytes(-len(blob) % 16)
+        assert entry["offset"] == end and data[end : end + entry["bytes"]] == blob, entry["key"]
+        end += entry["bytes"]
+    assert len(data) == end
+
+
+@pytest.fixture(scope="module")
+def int8_folder(dataset):
+    """The dataset's cache with int8 steps of 1/64 px."""
+    root, lst, _, _, _ = dataset
+    summary = extract(lst, root / "int8", INT8, log=lambda m: None)
+    assert (summary["videos"], summary["bad"], summary["starts"]) == (5, 2, 8)
+    return root / "int8"
+
+
+def test_int8_cache_reads_float32_pixels_in_half_the_bytes(dataset, int8_folder):
+    """``read`` decodes the int8 codes to float32 flow-frame pixels within s / 2 of the tracked steps; a point is
+    valid when it stayed in the frame and all its steps were in range (the fast clip, 2.5 px/frame, has none);
+    records take 2L + 1/8 bytes per point instead of 4L + 1/8."""
+    root, lst, arrays, _, _ = dataset
+    cache = TrajectoryCache.open(int8_folder, list_path=lst, params=INT8)
+    s = INT8.int8_scale
+    for key, any_valid in (("a/slow.mp4", True), ("a/fast.mp4", False), ("b/still.mp4", True)):
+        want, want_valid = tracked(arrays[key])
+        starts = np.arange(len(want))[::-1]
+        disp, valid = cache.read(str(root / key), starts)
+        assert disp.dtype == np.float32 and valid.dtype == bool and disp.shape == want[starts].shape
+        in_range = (np.abs(np.rint(want / s)) <= 127).all(axis=(-2, -1))
+        assert np.array_equal(valid, (want_valid & in_range)[starts]) and valid.any() == any_valid
+        err = np.abs(disp.astype(np.float64) - want[starts])[valid]
+        if any_valid:
+            print(f"\n{key}: int8 ({s} px) max error {err.max():.5f} px over {valid.sum()} valid points")
+            assert err.max() <= s / 2
+    row = record_bytes(3, (12, 16), 4, "int8")
+    assert row == 16 * -(-(3 * 12 * 16 * 8 + 3 * 24) // 16) == 4688 and record_bytes(3, (12, 16), 4) == 9296
+    assert (int8_folder / DATA_FILE).stat().st_size == 2 * row + record_bytes(2, (12, 16), 4, "int8")
+    assert cache.entry(str(root / "a/slow.mp4")).bytes == row
+
+
+def test_int8_extraction_resumes_to_the_same_bytes(dataset, int8_folder, tmp_path, capsys):
+    """Stopped after two videos with garbage past the data and a torn index line, then finished from the command
+    line with ``--dtype int8 --int8-scale``: the bytes of the uninterrupted run."""
+    root, lst, _, _, _ = dataset
+    stopped = tmp_path / "stopped"
+    assert extract(lst, stopped, INT8, stop_after=2, commit_every=1, log=lambda m: None)["complete"] is False
+    with open(stopped / DATA_FILE, "ab") as f:
+        f.write(b"\x07" * 37)
+    with open(stopped / INDEX_FILE, "a") as f:
+        f.write('{"key": "a/fa')
+    assert main(["--list", str(lst), "--out", str(stopped), "--jobs", "1", "--dtype", "int8", "--int8-scale",
+                 str(INT8.int8_scale)]) == 0
+    assert "resuming after 2 of 5 videos" in capsys.readouterr().out
+    assert files(stopped) == files(int8_folder)
+
+
+def test_int8_caches_of_other_dtype_or_scale_are_refused(dataset, int8_folder, tmp_path, capsys):
+    root, lst, _, _, _ = dataset
+    header = json.loads((int8_folder / INDEX_FILE).read_text().split("\n")[0])
+    assert (header["dtype"], header["int8_scale"]) == ("int8", 1 / 64)
+    with pytest.raises(TrajectoryCacheError, match=r"other parameters \(dtype: 'int8' in the cache, 'float16' wanted\)"
+                       r".* --out NEW_FOLDER --length 4 --method dis --dis-preset fast` \(this cache has .*--dtype "
+                       r"int8 --int8-scale 0.015625\)"):
+        TrajectoryCache.open(int8_folder, params=TrajectoryParams())
+    with pytest.raises(TrajectoryCacheError, match=r"other parameters \(int8_scale: 0.015625 in the cache, 0.125 "
+                       r"wanted\).*--dtype int8 --int8-scale 0.125`"):
+        TrajectoryCache.open(int8_folder, params=TrajectoryParams(dtype="int8"))
+    with pytest.raises(TrajectoryCacheError, match=r"\(dtype: 'float16' in the cache, 'int8' wanted, int8_scale: None "
+                       r"in the cache, 0.015625 wanted\)"):
+        TrajectoryCache.open(root / "straight", params=INT8)
+    with pytest.raises(TrajectoryCacheError, match=r"L=3 wanted .*--length 3 .*--dtype int8 --int8-scale 0.015625`"):
+        TrajectoryCache.open(int8_folder, length=3)
+    assert TrajectoryCache.open(int8_folder, length=4).params == INT8  # the loaders' check: L only, any dtype
+    with pytest.raises(TrajectoryCacheError, match=r"written with other settings \(dtype: 'int8' -> 'float16'\)"):
+        extract(lst, int8_folder, TrajectoryParams(), log=lambda m: None)
+    with pytest.raises(TrajectoryCacheError, match=r"written with other settings \(int8_scale: 0.015625 -> 0.125\)"):
+        extract(lst, int8_folder, TrajectoryParams(dtype="int8"), log=lambda m: None)
+    with pytest.raises(ValueError, match="unknown trajectory dtype 'int4'; expected one of float16, int8"):
+        TrajectoryParams(dtype="int4")
+    for bad in (0, -0.125, float("nan"), float("inf"), "1/8", True):
+        with pytest.raises(ValueError, match=r"int8 scale must be a finite number > 0 \(pixels per unit"):
+            TrajectoryParams(dtype="int8", int8_scale=bad)
+    assert main(["--list", str(lst), "--out", str(tmp_path / "x"), "--dtype", "int8", "--int8-scale", "0"]) == 2
+    assert "int8 scale must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------- crop / resize / flip mapping
