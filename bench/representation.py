@@ -23,7 +23,8 @@ The frozen encoder (``fastmam.probe.FrozenEncoder``: all tokens, no masking) the
 (``--train-clips`` to fit, ``--val-clips`` to score; items from ``data.num_samples`` on, labelled by motion class,
 9 classes) and ``fastmam.probe`` fits three probes: kNN (k=20, cosine, T=0.07) and linear (BatchNorm + Linear) on
 the mean-pooled tokens; on the token features, linear on the per-time-slice means (``linear_time``: time slices x D,
-their order kept) and attentive (one learned query cross-attending all tokens). Two controls
+their order kept), linear on the per-channel maximum over the tokens (``linear_max``, ``classifier.pool=max``'s
+pooling) and attentive (one learned query cross-attending all tokens). Two controls
 need no encoder: the same kNN and linear probes on the raw pixels of the clip's first frame (appearance alone: near
 chance, since one frame cannot reveal the motion), and on its consecutive frame differences (2x2 average-pooled:
 how far the raw motion signal goes).
@@ -86,7 +87,9 @@ OBJECTIVES: dict[str, list[str]] = {
             "targets.trajectory_norm=global"],
 }
 RANDOM = "random"
-PROBES = ("knn", "linear", "linear_time", "attentive")
+PROBES = ("knn", "linear", "linear_time", "linear_max", "attentive")
+#: probes that read the token features (kept only with the attentive probe on)
+TOKEN_PROBES = ("linear_time", "linear_max", "attentive")
 CONTROLS = ("frame_pixels", "frame_diffs")
 #: runs never write TensorBoard or a progress bar; one checkpoint, at the end
 RUN_OVERRIDES = ["logging.progress_bar=false", "logging.tensorboard=false"]
@@ -247,7 +250,12 @@ def probe_encoder(cfg: Config, state: dict[str, torch.Tensor], n_train: int, n_v
         slices = cfg.data.num_frames // cfg.model.tubelet
         per_slice = [Features(f.tokens.float().unflatten(1, (slices, -1)).mean(2).flatten(1), f.labels)
                      for f in (train, val)]
-        result["linear_time"] = evaluate(*per_slice, ProbeOptions(**{**options.__dict__, "attentive": False}))["linear"]
+        linear_only = ProbeOptions(**{**options.__dict__, "attentive": False})
+        result["linear_time"] = evaluate(*per_slice, linear_only)["linear"]
+        # linear_max: the linear probe on the per-channel maximum over all tokens (classifier.pool=max's pooling): a
+        # small moving shape's tokens are not averaged away by the background's
+        per_max = [Features(f.tokens.float().amax(1), f.labels) for f in (train, val)]
+        result["linear_max"] = evaluate(*per_max, linear_only)["linear"]
     out = {p: {"top1": result[p]["top1"], "se": _se(result[p]["top1"], result["val_clips"])}
            for p in PROBES if p in result}
     # collapse diagnostics: mean cosine between clips' pooled features, and how much a token changes over time
@@ -381,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     objectives = [o for o in args.objectives if o != RANDOM]
     options = ProbeOptions(linear_epochs=args.linear_epochs, attentive=not args.no_attentive,
                            attentive_epochs=args.attentive_epochs)
-    probes = tuple(p for p in PROBES if p not in ("attentive", "linear_time") or options.attentive)
+    probes = tuple(p for p in PROBES if p not in TOKEN_PROBES or options.attentive)
 
     jobs = []
     for seed in args.seeds:

@@ -1,19 +1,22 @@
 """Supervised control for the synthetic motion classes: what the tiny encoder learns *with labels* in a CPU budget.
 
-    python bench/supervised.py                                  # ViT and 3D CNN, 1500 steps each (see --help)
+    python bench/supervised.py                                  # ViT (mean, max pool), 3D CNN, 1500 steps each
     python bench/supervised.py --quick                          # CI: a few steps, the machinery only
     python bench/supervised.py --models vit --init runs/tiny    # the ViT from a pretraining run
 
-The representation benchmark (``bench/representation.py``) asks what a pretraining objective teaches the encoder
-about motion, read by frozen probes. This script bounds that question from above: the same encoder (``ft_tiny``'s
-geometry: the tiny ViT, 8 frames of 32x32, tubelet 2, patch 8, ``fastmam.finetuning.model.VideoClassifier``), trained
-end to end on the motion labels themselves (cross-entropy, AdamW, constant lr, no augmentation, no mixup, no drop
-path), on the clips ``ft_tiny`` samples (``ClipDataset`` over ``SyntheticSource``; training videos 0..N-1, held-out
-videos from index 100,000 on, one centre view each). Beside it, with the same data, steps, batch and optimizer, a
-small 3D CNN (three 3x3x3 convolutions, two max-pools, global average pool, Linear): an architecture with a
-translation-equivariant, pixel-local first layer. If the ViT does not leave chance with labels, no frozen probe of a
-pretraining run of that budget can be expected to. Held-out top-1 every ``--eval-every`` steps, with its standard
-error ``sqrt(p (1 - p) / n)``; a table on stdout, and ``--json`` writes everything with the environment.
+The representation benchmark (``bench/representation.py``) asks what a pretraining objective teaches the encoder about
+motion, read by frozen probes. This script bounds that question from above: the same encoder (``ft_tiny``'s geometry:
+the tiny ViT, 8 frames of 32x32, tubelet 2, patch 8, ``fastmam.finetuning.model.VideoClassifier`` with VideoMAE's
+mean-pooled head), trained end to end on the motion labels themselves (cross-entropy, AdamW, constant lr, no
+augmentation, no mixup, no drop path), on the clips ``ft_tiny`` samples (``ClipDataset`` over ``SyntheticSource``;
+training videos 0..N-1, held-out videos from index 100,000 on, one centre view each). Beside it, with the same data,
+steps, batch and optimizer, a small 3D CNN (three 3x3x3 convolutions, two max-pools, global average pool, Linear): an
+architecture with a translation-equivariant, pixel-local first layer. If the ViT does not leave chance with labels, no
+frozen probe of a pretraining run of that budget can be expected to. ``vit_max`` is the same ViT whose head pools the
+tokens by their per-channel maximum (``classifier.pool=max``) instead of VideoMAE's mean: the two differ only in how
+the tokens become one vector, which isolates what mean pooling costs on these clips. Held-out top-1 every
+``--eval-every`` steps, with its standard error ``sqrt(p (1 - p) / n)``; a table on stdout, and ``--json`` writes
+everything with the environment.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class Conv3dNet(nn.Module):
 def build_model(kind: str, cfg: FinetuneConfig, init: str | None) -> nn.Module:
     if kind == "cnn":
         return Conv3dNet(cfg.classifier.num_classes, cfg.data.mean, cfg.data.std)
-    model = VideoClassifier(cfg)
+    model = VideoClassifier(cfg.model_copy(update={"classifier": cfg.classifier.model_copy(
+        update={"pool": "max" if kind == "vit_max" else "mean"})}))
     if init:
         from fastmam.finetuning.init import load_pretrained, read_pretrained
 
@@ -106,7 +110,7 @@ def train_one(kind: str, cfg: FinetuneConfig, args: argparse.Namespace, val: tup
     torch.manual_seed(args.seed)
     src = SyntheticSource(0, args.train_videos, cfg.data.synthetic_frames, cfg.data.synthetic_size, cfg.seed)
     data = ClipDataset(src, train_spec(cfg), "dense", None)
-    model = build_model(kind, cfg, args.init if kind == "vit" else None)
+    model = build_model(kind, cfg, args.init if kind != "cnn" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     curve, loss_avg, t0, n = [], None, time.perf_counter(), args.train_videos
     for step in range(1, args.steps + 1):
@@ -125,31 +129,32 @@ def train_one(kind: str, cfg: FinetuneConfig, args: argparse.Namespace, val: tup
             print(f"supervised: {kind} step {step}: loss {loss_avg:.3f}, held-out top-1 {top1:.1f} %", file=sys.stderr,
                   flush=True)
     return {"model": kind, "parameters": sum(p.numel() for p in model.parameters()),
-            "init": args.init if kind == "vit" and args.init else "random", "curve": curve}
+            "init": args.init if kind != "cnn" and args.init else "random", "curve": curve}
 
 
 def format_table(results: list[dict], n_val: int) -> str:
     chance = 100 / len(MOTIONS)
     lines = [f"held-out top-1 % (± SE, {n_val} clips; chance {chance:.1f} %)",
-             f"{'model':<6} {'init':<12} {'params':>8}  " + "  ".join(f"{'step ' + str(c['step']):>14}"
+             f"{'model':<8} {'init':<12} {'params':>8}  " + "  ".join(f"{'step ' + str(c['step']):>14}"
                                                                for c in results[0]["curve"])]
     for r in results:
         init = r["init"] if len(r["init"]) <= 12 else "…" + r["init"][-11:]
         cells = "  ".join(f"{c['top1']:5.1f} ± {c['se']:4.1f}  " for c in r["curve"])
-        lines.append(f"{r['model']:<6} {init:<12} {r['parameters']:>8}  {cells}")
+        lines.append(f"{r['model']:<8} {init:<12} {r['parameters']:>8}  {cells}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "cnn"])
+    p.add_argument("--models", nargs="+", default=["vit", "vit_max", "cnn"], choices=["vit", "vit_max", "cnn"],
+                   help="vit: VideoMAE's mean-pooled head; vit_max: the same, classifier.pool=max; cnn: a 3D CNN")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per model [1500; --quick: 4]")
     p.add_argument("--batch", type=int, default=16, help="clips per step [16, ft_tiny's]")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, constant [1e-3]")
     p.add_argument("--train-videos", type=int, default=None, help="training videos [8192; --quick: 32]")
     p.add_argument("--val-videos", type=int, default=None, help="held-out videos [384; --quick: 16]")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations [250]")
-    p.add_argument("--init", default=None, help="the ViT's encoder from a pretraining run / export (default: random)")
+    p.add_argument("--init", default=None, help="the ViTs' encoder from a pretraining run / export (default: random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     p.add_argument("--quick", action="store_true", help="CI: a few steps on a few clips")

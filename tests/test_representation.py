@@ -8,7 +8,7 @@ import pytest
 
 from bench import representation
 
-PROBES = ("knn", "linear", "linear_time", "attentive")
+PROBES = ("knn", "linear", "linear_time", "linear_max", "attentive")
 
 
 @pytest.mark.slow

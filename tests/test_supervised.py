@@ -1,5 +1,5 @@
-"""bench/supervised.py: --quick trains the ViT and the 3D CNN on the motion labels and reports held-out curves with
-their standard errors. What each model reaches is not asserted: the script reports it."""
+"""bench/supervised.py: --quick trains the ViT (mean- and max-pooled heads) and the 3D CNN on the motion labels and
+reports held-out curves with their standard errors. What each model reaches is not asserted: the script reports it."""
 
 import json
 import math
@@ -16,7 +16,7 @@ def test_quick_run_reports_both_models(tmp_path, capsys):
     assert "vit" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["environment"]["torch"] and report["num_classes"] == 9 and math.isclose(report["chance"], 100 / 9)
-    assert [r["model"] for r in report["results"]] == ["vit", "cnn"]
+    assert [r["model"] for r in report["results"]] == ["vit", "vit_max", "cnn"]
     n = report["settings"]["val_videos"]
     for r in report["results"]:
         assert r["parameters"] > 0 and r["init"] == "random"

@@ -52,12 +52,18 @@ class InitConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    """VideoMAE's fine-tuning head: ``fc_norm`` (LayerNorm) over the mean of all tokens, dropout, Linear."""
+    """VideoMAE's fine-tuning head: ``fc_norm`` (LayerNorm) over the mean of all tokens, dropout, Linear.
+    ``pool: max`` takes the per-channel maximum over the tokens instead of the mean."""
 
     num_classes: int = Field(400, ge=2, description="classes of the head; the lists' labels must be below it")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="stochastic depth, rising linearly to this at the end")
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the Linear (VideoMAE fc_drop_rate)")
     head_init_scale: float = Field(0.001, gt=0.0, description="scale of the Linear's initial weights and bias")
+    pool: Literal["mean", "max"] = Field(
+        "mean", description="how the tokens become one vector before fc_norm: mean (VideoMAE's use_mean_pooling, the "
+        "default) or max (per channel over all tokens: a small moving object on a large varying background, e.g. the "
+        "synthetic clips of ft_tiny, where a mean-pooled ViT stays at chance for thousands of steps)"
+    )
     pos_embed: Literal["sinusoid", "learned"] = Field(
         "sinusoid", description="sinusoid: the fixed table, rebuilt for this geometry; learned: a parameter, from the "
         "checkpoint's pos_embed (interpolated to this geometry) or the sinusoid table when it has none"

@@ -3,7 +3,7 @@
     pixels (B, T, H, W, C), uint8 or float in [0, 255]
       patchify + normalize (data.mean / data.std) -> (B, N, t*p*p*C)
       patch embed + positions (sinusoid table, or learned) -> ViT blocks (stochastic depth) -> tokens (B, N, D)
-      fc_norm(mean over tokens) -> dropout -> head -> logits (B, classes)
+      fc_norm(mean over tokens; classifier.pool=max: their per-channel max) -> dropout -> head -> logits (B, classes)
 
 The encoder's parameter names are those of ``MaskedVideoModel`` (``patch_embed``, ``blocks.N``), so a pretrained
 state loads by name. The encoder's final ``norm`` of pretraining is not part of it: VideoMAE's mean-pooling classifier
@@ -48,7 +48,7 @@ class VideoClassifier(nn.Module):
         super().__init__()
         m, d, c = cfg.model, cfg.data, cfg.classifier
         self.cfg = m
-        self.mean, self.std, self.in_chans = d.mean, d.std, in_chans
+        self.mean, self.std, self.in_chans, self.pool = d.mean, d.std, in_chans, c.pool
         self.grid = token_grid(d.num_frames, d.img_size, m.tubelet, m.patch)
         self.num_tokens = cfg.num_tokens
         attend = configured_attention(cfg)
@@ -93,7 +93,8 @@ class VideoClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, T, H, W, C) -> logits (B, classes)."""
-        pooled = self.fc_norm(self.forward_features(pixels).mean(1))
+        tokens = self.forward_features(pixels)
+        pooled = self.fc_norm(tokens.amax(1) if self.pool == "max" else tokens.mean(1))
         return self.head(self.head_dropout(pooled))
 
     def layer_id(self, name: str) -> int:

@@ -25,7 +25,8 @@ FAST = ["model.depth=2", "data.num_workers=0", "logging.progress_bar=false", "lo
         "data.batch_size=8", "data.num_samples=32", "data.synthetic_val=8", "data.synthetic_test=6",
         "schedule.epochs=2", "schedule.warmup_epochs=0.5", "logging.every_steps=1", "checkpoint.every_steps=2",
         "test.val_every_epochs=1", "test.clips=2", "test.crops=2", "init.checkpoint=", "device=cpu",
-        "augment.mixup=0.8", "augment.cutmix=1.0"]  # the whole recipe (ft_tiny turns mixup and cutmix off)
+        "augment.mixup=0.8", "augment.cutmix=1.0", "augment.randaug=rand-m7-n4-mstd0.5-inc1", "augment.erasing=0.25",
+        "classifier.drop_path=0.1", "classifier.pool=mean"]  # the whole recipe (ft_tiny turns these off)
 
 
 def ft(out: Path, *extra: str) -> FinetuneConfig:

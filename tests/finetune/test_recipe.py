@@ -18,14 +18,24 @@ SMALL = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "data.num_f
          "model.patch=8", "classifier.num_classes=5", "device=cpu"]
 
 
+#: VideoMAE's recipe where ft_tiny departs from it (configs/ft_tiny.yaml): these tests check the recipe itself
+RECIPE = ["augment.randaug=rand-m7-n4-mstd0.5-inc1", "augment.erasing=0.25", "classifier.drop_path=0.1",
+          "classifier.pool=mean"]
+
+
 def ft(*overrides):
-    return load_config("ft_tiny", list(overrides), root=FinetuneConfig)
+    return load_config("ft_tiny", [*RECIPE, *overrides], root=FinetuneConfig)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_validate(name):
     cfg = load_config(name, root=FinetuneConfig)
-    assert cfg.augment.randaug_params()["num_ops"] == 4 and cfg.optim.layer_decay <= 0.75
+    assert cfg.optim.layer_decay <= 0.75
+    if name == "ft_tiny":  # measured departures on the synthetic clips (configs/ft_tiny.yaml says why)
+        assert cfg.augment.randaug_params() is None and cfg.augment.erasing == 0 and cfg.classifier.drop_path == 0
+        assert cfg.classifier.pool == "max"
+    else:  # VideoMAE's recipe
+        assert cfg.augment.randaug_params()["num_ops"] == 4 and cfg.classifier.pool == "mean"
     assert cfg.data.flip is (name in ("ft_vit_b_k400", "ft_vit_b_ucf101", "ft_vit_b_hmdb51"))
     assert cfg.data.sampling == ("segment" if name == "ft_vit_b_ssv2" else "dense")
 
@@ -40,8 +50,13 @@ def test_config_kinds_are_named_not_listed_as_unknown_keys():
 
 
 def test_config_rules():
-    assert ft().augment.randaug_params() == {"num_ops": 4, "magnitude": 7.0, "magnitude_std": 0.5}
+    assert ft("augment.randaug=rand-m7-n4-mstd0.5-inc1").augment.randaug_params() == {
+        "num_ops": 4, "magnitude": 7.0, "magnitude_std": 0.5}
     assert ft("augment.randaug=").augment.randaug_params() is None
+    assert load_config("ft_vit_b_k400", root=FinetuneConfig).augment.randaug_params() == {
+        "num_ops": 4, "magnitude": 7.0, "magnitude_std": 0.5}
+    with pytest.raises(ConfigError, match="classifier.pool"):
+        ft("classifier.pool=cls")
     with pytest.raises(ConfigError, match="not a RandAugment spec"):
         ft("augment.randaug=autoaug-v0")
     with pytest.raises(ConfigError, match="inc0 is not supported"):
@@ -96,6 +111,18 @@ def test_head_init_scale_and_mean_pooling():
     torch.testing.assert_close(model(clip), expected)
     # in training, stochastic depth drops residual branches per sample: outputs change
     assert not torch.allclose(model.train().forward_features(clip), tokens)
+
+
+def test_max_pooling_takes_each_channels_largest_token():
+    torch.manual_seed(0)
+    model = VideoClassifier(ft(*SMALL, "classifier.pool=max")).eval()
+    clip = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    tokens = model.forward_features(clip)
+    # plain Python over every (clip, channel): the largest of its token values
+    pooled = torch.tensor([[max(tokens[b, :, c].tolist()) for c in range(tokens.shape[2])]
+                           for b in range(tokens.shape[0])])
+    torch.testing.assert_close(model(clip), model.head(model.fc_norm(pooled)))
+    assert not torch.allclose(pooled, tokens.mean(1))
 
 
 def _same_frames(b=4, t=6, s=32, seed=0):
