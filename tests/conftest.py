@@ -48,3 +48,15 @@ def random_clip(shape, generator, dtype=torch.uint8):
     if dtype == torch.uint8:
         return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
     return torch.randn(shape, generator=generator, dtype=dtype)
+
+
+def random_trajectories(cfg, batch: int, generator=None, device=None, valid: float = 0.7) -> dict:
+    """Keyword inputs of a training step with ``targets.motion: trajectory`` (else {}), shaped as the loaders give
+    them: ``trajectories`` float32 (B, T/t, H/8, W/8, L, 2) and ``trajectory_valid`` bool (B, T/t, H/8, W/8) with
+    about ``valid`` of the points valid; every size from ``cfg``."""
+    d, tg = cfg.data, cfg.targets
+    if tg.motion != "trajectory":
+        return {}
+    grid = (batch, d.num_frames // cfg.model.tubelet, d.img_size // 8, d.img_size // 8)
+    return {"trajectories": torch.randn(*grid, tg.trajectory_length, 2, generator=generator, device=device),
+            "trajectory_valid": torch.rand(grid, generator=generator, device=device) < valid}

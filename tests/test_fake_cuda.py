@@ -55,6 +55,7 @@ from fastmam.models.layers import Attention, CrossAttention
 from fastmam.models.vqgan import AttnBlock, VQGANTokenizer
 from fastmam.ops import _backend, _checks, _cuda
 from fastmam.ops._backend import record_dispatch
+from tests.conftest import random_trajectories
 
 pytestmark = [
     pytest.mark.skipif(torch.version.cuda is None,
@@ -288,11 +289,8 @@ def step_inputs(cfg, model) -> StepInputs:
         if tg.motion == "rgb_diff_dense" else None
     codes = torch.randint(0, tg.num_codes, (BATCH, d.num_frames, d.img_size // p, d.img_size // p),
                           dtype=torch.int32, device=CUDA) if tg.codes == "cached" and model.uses_codes else None
-    kwargs = {}
-    if tg.motion == "trajectory":  # the loader's float32 steps and validity bits of each tubelet's first frame
-        grid = (BATCH, d.num_frames // cfg.model.tubelet, d.img_size // 8, d.img_size // 8)
-        kwargs = {"trajectories": torch.randn(*grid, tg.trajectory_length, 2, device=CUDA),
-                  "trajectory_valid": torch.rand(grid, device=CUDA) < 0.9}
+    # the loader's float32 steps and validity bits of each tubelet's first frame
+    kwargs = random_trajectories(cfg, BATCH, device=CUDA, valid=0.9)
     return StepInputs((clip, noise, next_clip, codes), kwargs)
 
 

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmam import flops, ops
 from fastmam.config import build_config
 from fastmam.models import Pretrainer
+from tests.conftest import random_trajectories
 
 SMALL = ["data.num_frames=4", "data.img_size=32", "model.patch=8", "model.embed_dim=32", "model.num_heads=4",
          "model.depth=2", "model.decoder_dim=16", "model.decoder_heads=2", "masking.ratio=0.75"]
@@ -72,18 +73,14 @@ def test_model_formula_equals_counted_flops(extra, rng):
 ])
 def test_mme_formula_equals_counted_flops(extra, rng):
     cfg = build_config({}, SMALL + ["model.patch=16", "model.regressor_depth=0", "model.shared_decoder=true",
-                                    "targets.appearance=hog", "targets.motion=trajectory", "masking.ratio=0.5"]
-                       + [e for e in extra if "motion=none" not in e]
-                       + (["targets.motion=none", "loss.motion_weight=0"] if "targets.motion=none" in extra else []))
+                                    "targets.appearance=hog", "targets.motion=trajectory", "masking.ratio=0.5", *extra])
     torch.manual_seed(0)
     p = Pretrainer(cfg)
     b = 3
-    clip = torch.randint(0, 256, (b, 4, 32, 32, 3), dtype=torch.uint8, generator=rng)
+    d = cfg.data
+    clip = torch.randint(0, 256, (b, d.num_frames, d.img_size, d.img_size, 3), dtype=torch.uint8, generator=rng)
     noise = torch.rand(p.noise_shape(b), generator=rng)
-    kw = {}
-    if cfg.targets.motion == "trajectory":
-        kw = {"trajectories": torch.randn(b, 2, 4, 4, 4, 2, generator=rng),
-              "trajectory_valid": torch.rand(b, 2, 4, 4, generator=rng) > 0.3}
+    kw = random_trajectories(cfg, b, rng)
     fwd, bwd = count(lambda: p(clip, noise, **kw).total)
     f = flops.model_flops(cfg, b)
     assert (fwd, bwd) == (f.forward, f.backward), f"counted {fwd}, {bwd}; formula {f.forward_parts} -> {f.backward}"

@@ -18,6 +18,7 @@ from fastmam.memory import (
 )
 from fastmam.models import Pretrainer
 from fastmam.models.layers import Block, CrossBlock
+from tests.conftest import random_trajectories
 
 
 @pytest.fixture(autouse=True)
@@ -57,56 +58,39 @@ def test_block_formulas_equal_what_autograd_saves(tokens, dim, heads, ratio):
     assert saved_elements(cross, q, ctx, params=cross.parameters()) == expected
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model.regressor_depth=0"],  # VideoMAE's layout: the decoders see every token
-    ["targets.motion=none", "loss.motion_weight=0", "masking.ratio=0.5"],
-    ["masking.kind=random", "model.decoder_depth=2", "model.depth=3"],
-    ["targets.appearance=random_codes", "targets.codebook_size=64"],
-    ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"],
-    ["model.activation_checkpointing=true"],
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", []),
+    ("tiny", ["model.regressor_depth=0"]),  # VideoMAE's layout: the decoders see every token
+    ("tiny", ["targets.motion=none", "loss.motion_weight=0", "masking.ratio=0.5"]),
+    ("tiny", ["masking.kind=random", "model.decoder_depth=2", "model.depth=3"]),
+    ("tiny", ["targets.appearance=random_codes", "targets.codebook_size=64"]),
+    ("tiny", ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all"]),
+    ("tiny", ["model.activation_checkpointing=true"]),
     # decoder masking: the regressor and decoders keep activations of the Nd decoded tokens only
-    ["masking.decoder=running_cell"],
-    ["model.regressor_depth=0", "masking.decoder=random", "masking.decoder_ratio=0.3"],
-    ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all",
-     "masking.decoder=running_cell", "masking.decoder_ratio=0.25", "model.activation_checkpointing=true"],
+    ("tiny", ["masking.decoder=running_cell"]),
+    ("tiny", ["model.regressor_depth=0", "masking.decoder=random", "masking.decoder_ratio=0.3"]),
+    ("tiny", ["targets.appearance=random_codes", "targets.codebook_size=64", "targets.code_frame=all",
+              "masking.decoder=running_cell", "masking.decoder_ratio=0.25", "model.activation_checkpointing=true"]),
+    # MME (shared decoder, MLP heads, HOG + trajectory MSEs), and its variants
+    ("tiny_mme", []),
+    ("tiny_mme", ["masking.decoder=running_cell"]),
+    ("tiny_mme", ["model.activation_checkpointing=true"]),
+    ("tiny_mme", ["model.shared_decoder=false", "model.regressor_depth=1"]),
+    ("tiny_mme", ["targets.motion=none", "loss.motion_weight=0"]),
 ])
-def test_activation_estimate_matches_a_measured_forward(overrides, rng):
-    cfg = load_config("tiny", ["data.batch_size=3", *overrides])
+def test_activation_estimate_matches_a_measured_forward(preset, overrides, rng):
+    cfg = load_config(preset, ["data.batch_size=3", *overrides])
     torch.manual_seed(0)
     model = Pretrainer(cfg)
-    b = cfg.data.batch_size
-    clip = torch.randint(0, 256, (b, 8, 64, 64, 3), dtype=torch.uint8, generator=rng)
+    b, d = cfg.data.batch_size, cfg.data
+    clip = torch.randint(0, 256, (b, d.num_frames, d.img_size, d.img_size, 3), dtype=torch.uint8, generator=rng)
     noise = torch.rand(model.noise_shape(b), generator=rng)
+    kw = random_trajectories(cfg, b, rng)
     # checkpointed blocks save only their inputs in forward; one block's full set returns during its recompute
-    measured = saved_elements(model, clip, noise, params=list(model.parameters()))
+    measured = saved_elements(lambda: model(clip, noise, **kw), params=list(model.parameters()))
     estimate = activation_elements(cfg, b, recompute_peak=False) + loss_elements(cfg, b, fused=False)
     # exact but for scalars the loss keeps (int64 ids and masks are not fp32 and not counted): a 1% margin once
     # hid a whole (Nm x K) tensor counted twice
-    assert abs(measured - estimate) <= 8, f"measured {measured:.0f}, estimate {estimate:.0f}"
-
-
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["masking.decoder=running_cell"],
-    ["model.activation_checkpointing=true"],
-    ["model.shared_decoder=false", "model.regressor_depth=1"],
-    ["targets.motion=none", "loss.motion_weight=0"],
-])
-def test_mme_activation_estimate_matches_a_measured_forward(overrides, rng):
-    """tiny_mme (shared decoder, MLP heads, HOG + trajectory MSEs), and its variants."""
-    cfg = load_config("tiny_mme", ["data.batch_size=3", *overrides])
-    torch.manual_seed(0)
-    model = Pretrainer(cfg)
-    b = cfg.data.batch_size
-    clip = torch.randint(0, 256, (b, 8, 64, 64, 3), dtype=torch.uint8, generator=rng)
-    noise = torch.rand(model.noise_shape(b), generator=rng)
-    kw = {}
-    if cfg.targets.motion == "trajectory":
-        kw = {"trajectories": torch.randn(b, 4, 8, 8, 4, 2, generator=rng),
-              "trajectory_valid": torch.rand(b, 4, 8, 8, generator=rng) > 0.3}
-    measured = saved_elements(lambda: model(clip, noise, **kw), params=list(model.parameters()))
-    estimate = activation_elements(cfg, b, recompute_peak=False) + loss_elements(cfg, b, fused=False)
     assert abs(measured - estimate) <= 8, f"measured {measured:.0f}, estimate {estimate:.0f}"
 
 
