@@ -375,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
     q = args.quick
-    # the full defaults are the recorded run's (bench/results/representation_cpu_2000.json): ~1 h on 2 CPU cores.
+    # the full defaults are the recorded runs' (bench/results/representation_cpu_2000*.json): ~80 min on 2 CPU cores.
     # 2000 / 1000 probe clips: with 600 / 400 the attentive probe read nothing even from random init, and one SE of
     # a difference to it was ~1.8-2.1 points instead of ~1.3-1.5
     defaults = {"steps": (1000, 20), "seeds": ([0, 1], [0]), "train_clips": (2000, 72), "val_clips": (1000, 72),
