@@ -84,6 +84,7 @@ OBJECTIVES: dict[str, list[str]] = {
     "videomae": ["model.regressor_depth=0", "targets.motion=none", "loss.motion_weight=0"],
     "pixel_motion": ["model.regressor_depth=0"],
     "mam2": [],
+    "mam2_motion": ["loss.appearance_weight=0", "targets.normalize_motion=true"],  # MAM2's RGB difference only
     "mam2_decoder_masking": ["masking.decoder=running_cell"],
     # = configs/tiny_mme.yaml (tiny + these)
     "mme": ["model.regressor_depth=0", "model.shared_decoder=true", "model.decoder_depth=1", "masking.ratio=0.7",
@@ -91,7 +92,6 @@ OBJECTIVES: dict[str, list[str]] = {
             "targets.trajectory_norm=global"],
 }
 OBJECTIVES["mme_motion"] = [*OBJECTIVES["mme"], "loss.appearance_weight=0"]  # MME's trajectory-only ablation
-OBJECTIVES["mam2_motion"] = ["loss.appearance_weight=0", "targets.normalize_motion=true"]  # MAM2, RGB difference only
 RANDOM = "random"
 PROBES = ("knn", "linear", "linear_time", "linear_max", "attentive")
 #: probes that read the token features (kept only with the attentive probe on)
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             state, cfg = trained_state(run)
             last = read_metrics(run)[-1]
             base = loss_baselines(cfg)
-            trained = cfg.loss.appearance_weight > 0  # mme_motion's appearance head is not trained: no loss shown
+            trained = cfg.loss.appearance_weight > 0  # the *_motion ablations' appearance head is not trained
             row = {"objective": obj, "seed": seed, "steps": last["step"], "overrides": OBJECTIVES[obj],
                    "loss_appearance": last["loss_appearance"] if trained else None,
                    "loss_motion": last["loss_motion"] if cfg.targets.motion != "none" else None,
